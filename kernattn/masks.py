@@ -101,4 +101,4 @@ def alibi_bias(slopes, n: int, s: int, *, alignment: str | None = None) -> np.nd
         )
     off = s - n if alignment == "bottom_right" else 0
     distance = np.abs(np.arange(n)[:, None] + off - np.arange(s)[None, :])
-    return -slopes[:, None, None] * distance[None]
+    return 0.0 - slopes[:, None, None] * distance[None]  # 0.0 - x keeps +0.0 on the diagonal

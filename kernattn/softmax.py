@@ -138,7 +138,7 @@ def softmax_attention(
     Examples
     --------
     >>> import numpy as np
-    >>> q = k = np.zeros((2, 1))
+    >>> q, k = np.zeros((2, 1)), np.zeros((4, 1))
     >>> v = np.arange(4.0).reshape(4, 1)
     >>> softmax_attention(q, k, v, causal="top_left").ravel()
     array([0. , 0.5])
