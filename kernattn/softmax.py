@@ -165,7 +165,7 @@ def prepare_softmax_inputs(
 ) -> dict:
     """Validate every argument of `softmax_attention` and return the backend arguments.
 
-    The result holds float64 (B, H, N, D) arrays, masks broadcast to (B, Hq, N, S) (or
+    The result contains float64 (B, H, N, D) arrays, masks broadcast to (B, Hq, N, S) (or
     None), a resolved `Structure` and the rank of q under "ndim".
     """
     q, k, v, ndim = V.check_qkv(q, k, v, layout)
@@ -240,7 +240,7 @@ def _softmax_attention_numpy(
             row_max = scores.max(axis=1, keepdims=True)
             # A row whose allowed scores are all -inf is treated as empty.
             shift = np.where(np.isneginf(row_max), 0.0, row_max)
-            with np.errstate(invalid="ignore"):  # +inf - +inf gives NaN, as IEEE says
+            with np.errstate(invalid="ignore"):  # +inf - +inf gives NaN, as IEEE 754 specifies
                 weights = np.exp(scores - shift)
             denom = weights.sum(axis=1, keepdims=True)
             with np.errstate(divide="ignore"):  # log(0) = -inf marks an empty row
