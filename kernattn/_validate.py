@@ -32,14 +32,6 @@ class OptionError(ValueError):
     """Raised when an option has an invalid value or conflicts with another option."""
 
 
-def _describe(x) -> str:
-    shape = getattr(x, "shape", None)
-    dtype = getattr(x, "dtype", None)
-    if shape is not None and dtype is not None:
-        return f"an array of shape {tuple(shape)} and dtype {dtype}"
-    return f"{type(x).__name__} {x!r}"
-
-
 def to_numpy(x):
     """Convert NumPy, JAX, PyTorch (CPU or GPU) and nested-list input to a NumPy array."""
     if isinstance(x, np.ndarray):
@@ -47,7 +39,7 @@ def to_numpy(x):
     module = type(x).__module__ or ""
     if module.startswith("torch"):
         x = x.detach().cpu()
-        # NumPy has no bfloat16, and float32 holds every bfloat16 value exactly.
+        # NumPy has no bfloat16, and float32 represents every bfloat16 value exactly.
         if str(x.dtype) == "torch.bfloat16":
             x = x.float()
         return x.numpy()
@@ -276,7 +268,7 @@ class Structure:
     """The structural part of a keep-set, resolved and validated.
 
     Key j is allowed for query i of batch row b when i < n_b, j < s_b, the causal rule
-    `j <= i + off_b` holds (if causal) and `i + off_b - left <= j <= i + off_b + right`
+    `j <= i + off_b` is true (if causal) and `i + off_b - left <= j <= i + off_b + right`
     (if windowed). Here n_b and s_b are the valid query and key lengths of row b, and
     `off_b = s_b - n_b` under bottom-right alignment, 0 under top-left.
     """
@@ -351,9 +343,9 @@ def resolve_structure(
                 f"(FlashAttention, KV-cache decoding)"
             )
         if np.any(q_len != kv_len):
-            what = "causal=True" if is_causal else f"window={window}"
+            option_text = "causal=True" if is_causal else f"window={window}"
             raise OptionError(
-                f"{what} depends on the alignment here, because the number of valid "
+                f"{option_text} depends on the alignment here, because the number of valid "
                 f"queries and keys differ (N = {n}, S = {s}, with any q_lengths or "
                 f"kv_lengths); pass alignment='top_left' or alignment='bottom_right'"
             )
