@@ -6,14 +6,24 @@ first use.
 
 from kernattn._validate import DTypeError, OptionError, ShapeError
 from kernattn.masks import alibi_bias, structural_mask
+from kernattn.multihead import (
+    AttentionParams,
+    KVCache,
+    from_torch_multihead_attention,
+    multi_head_attention,
+)
 from kernattn.softmax import merge_attention_states, softmax_attention
 
 __all__ = [
+    "AttentionParams",
     "DTypeError",
+    "KVCache",
     "OptionError",
     "ShapeError",
     "alibi_bias",
+    "from_torch_multihead_attention",
     "merge_attention_states",
+    "multi_head_attention",
     "softmax_attention",
     "structural_mask",
 ]
