@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kernattn import _validate as V
-from kernattn.loops._fsum import fsum
+from kernattn.loops import multihead as loops_multihead
 from kernattn.softmax import softmax_attention, softmax_backends
 
 _WEIGHT_NAMES = ("w_q", "w_k", "w_v", "w_o")
@@ -324,23 +324,6 @@ def _linear_numpy(x: np.ndarray, w: np.ndarray, bias: np.ndarray | None) -> np.n
     return y if bias is None else y + bias
 
 
-def _linear_loops(x: np.ndarray, w: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
-    """Loop twin of `_linear_numpy`: each output entry is one `math.fsum`."""
-    batch, length, d_in = x.shape
-    d_out = w.shape[1]
-    x_, w_ = x.tolist(), w.tolist()
-    b_ = [0.0] * d_out if bias is None else bias.tolist()
-    y = [
-        [
-            [fsum([x_[b][i][c] * w_[c][k] for c in range(d_in)] + [b_[k]])
-             for k in range(d_out)]
-            for i in range(length)
-        ]
-        for b in range(batch)
-    ]
-    return np.array(y, dtype=np.float64).reshape(batch, length, d_out)
-
-
 def _split_heads(y: np.ndarray, heads: int) -> np.ndarray:
     """Return (B, L, H * E) as (B, H, L, E); columns [h * E, (h + 1) * E) are head h."""
     b, length, width = y.shape
@@ -527,7 +510,7 @@ def multi_head_attention(
         q_lengths = V.check_lengths("q_lengths", q_lengths, batch, x.shape[1], "N")
 
     # 1. Projections: Q (B, N, Hq*D), K (B, S, Hkv*D), V (B, S, Hkv*M).
-    linear = _linear_loops if backend == "loops" else _linear_numpy
+    linear = loops_multihead.linear if backend == "loops" else _linear_numpy
     q = _split_heads(linear(x, params.w_q, params.b_q), heads.hq)  # (B, Hq, N, D)
     k = _split_heads(linear(source, params.w_k, params.b_k), heads.hkv)  # (B, Hkv, S, D)
     v = _split_heads(linear(source, params.w_v, params.b_v), heads.hkv)  # (B, Hkv, S, M)
