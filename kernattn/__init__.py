@@ -13,6 +13,9 @@ from kernattn.multihead import (
     multi_head_attention,
 )
 from kernattn.softmax import merge_attention_states, softmax_attention
+from kernattn import feature_maps
+from kernattn.linear import linear_attention
+from kernattn.similarity import ZeroDenominatorError, similarity_attention
 
 __all__ = [
     "AttentionParams",
@@ -20,10 +23,14 @@ __all__ = [
     "KVCache",
     "OptionError",
     "ShapeError",
+    "ZeroDenominatorError",
     "alibi_bias",
+    "feature_maps",
     "from_torch_multihead_attention",
+    "linear_attention",
     "merge_attention_states",
     "multi_head_attention",
+    "similarity_attention",
     "softmax_attention",
     "structural_mask",
 ]
