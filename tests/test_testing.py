@@ -7,7 +7,8 @@ import pytest
 from hypothesis import given
 
 import kernattn
-from kernattn.testing import assert_attention_close
+from kernattn import feature_maps
+from kernattn.testing import assert_attention_close, assert_feature_map, check_feature_map
 from kernattn.testing import strategies as kst
 
 
@@ -117,3 +118,85 @@ def test_strategy_inputs_numpy_matches_loops(case):
 def test_strategy_shapes_are_valid(shape):
     assert shape.q_heads % shape.kv_heads == 0
     assert min(shape) >= 1
+
+
+# The feature-map checker.
+
+
+def polynomial_without_sqrt2(x):
+    """Return [x_i², x_i x_j (i < j)]: the degree-2 map with the √2 factor missing."""
+    x = np.asarray(x, dtype=float)
+    i, j = np.triu_indices(x.shape[-1], 1)
+    return np.concatenate([x**2, x[..., i] * x[..., j]], axis=-1)
+
+
+def squared_dot(x, y):
+    return float(np.dot(x, y)) ** 2
+
+
+def test_checker_passes_exact_polynomial():
+    report = check_feature_map(feature_maps.Polynomial(2, c=1.0), random_state=0)
+    identity = next(c for c in report.checks if c.name == "kernel identity")
+    assert report.passed
+    assert "exactly, in rational arithmetic" in identity.detail
+
+
+def test_checker_catches_missing_sqrt2():
+    report = check_feature_map(polynomial_without_sqrt2, squared_dot, random_state=0)
+    identity = next(c for c in report.checks if c.name == "kernel identity")
+    assert not report.passed
+    assert identity.passed is False
+    assert "kernel identity" in str(report)
+    with pytest.raises(AssertionError, match="FAIL  kernel identity"):
+        assert_feature_map(polynomial_without_sqrt2, squared_dot, random_state=0)
+
+
+def test_checker_fixed_map_passes_where_broken_one_fails():
+    def with_sqrt2(x):
+        x = np.asarray(x, dtype=float)
+        i, j = np.triu_indices(x.shape[-1], 1)
+        return np.concatenate([x**2, np.sqrt(2) * x[..., i] * x[..., j]], axis=-1)
+
+    assert check_feature_map(with_sqrt2, squared_dot, random_state=0).passed
+
+
+def test_checker_positive_claim():
+    relu = check_feature_map(feature_maps.ReLU(), positive=True, random_state=0)
+    elu = check_feature_map(feature_maps.EluPlusOne(), positive=True, random_state=0)
+    vanish = next(c for c in relu.checks if c.name == "denominators can vanish")
+    assert not relu.passed
+    assert elu.passed
+    assert vanish.detail.startswith("yes: zero features occur")
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: feature_maps.PositiveRandomFeatures(16, random_state=0),
+        lambda: feature_maps.PositiveRandomFeatures(16, orthogonal=True, random_state=1),
+        lambda: feature_maps.TrigRandomFeatures(8, random_state=2),
+        lambda: feature_maps.RandomFourierFeatures(8, gamma=0.5, random_state=3),
+    ],
+)
+def test_checker_random_maps_unbiased(make):
+    """Each correct map fails with probability about 1e-3 (the checker's stated level)."""
+    report = check_feature_map(make(), random_state=0)
+    assert report.passed, str(report)
+
+
+def test_checker_catches_biased_random_map():
+    class NoNormTerm(feature_maps.PositiveRandomFeatures):
+        def _features(self, x):
+            d = x.shape[-1]
+            xs = x * d**-0.25
+            return np.exp(xs @ self._projection(d).T) / np.sqrt(self.m)
+
+    report = check_feature_map(NoNormTerm(16, random_state=0), random_state=0)
+    unbiased = next(c for c in report.checks if c.name == "kernel unbiased")
+    assert unbiased.passed is False
+
+
+def test_checker_reports_wrong_shape():
+    report = check_feature_map(lambda x: np.ones(3), random_state=0)
+    assert not report.passed
+    assert "expected (2, 3, F)" in report.checks[0].detail
