@@ -1,0 +1,270 @@
+"""Compare targets with the oracle, case by case, and collect the results per target.
+
+A target is any callable that takes a `Case` and returns ``(out, lse)`` with lse None
+when the target does not compute it. It raises `UnsupportedCase` for an option it
+cannot express; that case is then reported, not failed.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import numpy as np
+
+from kernattn.verify.cases import Case
+
+# Error allowed per unit of problem size, by the dtype of the target's output: a target
+# passes when |out - reference| <= unit * (1 + logit size) * value size, elementwise.
+# The unit is about 4500 float64 epsilons and about 80 float32 epsilons: room for any
+# summation order, far below the O(value size) error of a wrong mask or head mapping.
+ERROR_UNIT = {
+    np.dtype(np.float64): 1e-12,
+    np.dtype(np.float32): 1e-5,
+    np.dtype(np.float16): 1e-2,
+}
+
+AGREE = "agree"
+DIFFERENCE = "known difference"
+UNSUPPORTED = "not supported"
+MISMATCH = "MISMATCH"
+
+
+class UnsupportedCase(Exception):
+    """Raised by a target for a case whose options it cannot express."""
+
+
+@dataclass(frozen=True)
+class Output:
+    """Result of one target on one case: out (B, Hq, N, M) and lse (B, Hq, N) or None.
+
+    `precision` is the float dtype whose tolerance applies; None means the dtype of
+    `out`. A target fed float32 inputs sets it to float32 even when it returns float64,
+    because rounding the inputs already costs float32 accuracy.
+    """
+
+    out: np.ndarray
+    lse: np.ndarray | None = None
+    precision: np.dtype | None = None
+
+
+@dataclass(frozen=True)
+class KnownDifference:
+    """A documented convention in which a peer differs from kernattn.
+
+    `adjust` maps a case and a reference output to the case to run the peer on and the
+    output the peer's convention predicts. A mismatch that disappears after adjusting is
+    reported under `name` instead of as a disagreement.
+    """
+
+    name: str
+    description: str
+    adjust: Callable[[Case, Output], tuple[Case, Output]]
+
+
+class Target(Protocol):
+    name: str
+    differences: tuple[KnownDifference, ...]
+    notes: list[str]
+
+    def __call__(self, case: Case) -> Output: ...
+
+
+@dataclass
+class CaseResult:
+    """Outcome of one target on one case."""
+
+    case: Case
+    status: str
+    abs_error: float = 0.0
+    rel_error: float = 0.0
+    detail: str = ""
+    differences: tuple[str, ...] = ()
+    reference: Output | None = None
+
+
+@dataclass
+class TargetReport:
+    """Results of one target over all cases, as one row of the verify table."""
+
+    variant: str
+    target: str
+    results: list[CaseResult] = field(default_factory=list)
+    differences: tuple[KnownDifference, ...] = ()
+    notes: list[str] = field(default_factory=list)
+
+    def count(self, status: str) -> int:
+        return sum(result.status == status for result in self.results)
+
+    @property
+    def failures(self) -> list[CaseResult]:
+        return [result for result in self.results if result.status == MISMATCH]
+
+    @property
+    def max_abs_error(self) -> float:
+        return max((r.abs_error for r in self.results if r.status == AGREE), default=0.0)
+
+    @property
+    def max_rel_error(self) -> float:
+        return max((r.rel_error for r in self.results if r.status == AGREE), default=0.0)
+
+    @property
+    def verdict(self) -> str:
+        if self.failures:
+            return "FAIL"
+        if self.count(DIFFERENCE) or self.count(UNSUPPORTED):
+            return "ok (see notes)"
+        return "ok"
+
+
+def error_scales(case: Case) -> tuple[float, float]:
+    """Return (logit size, value size) of a softmax case, ignoring non-finite entries.
+
+    The logit size bounds |s_ij| by Cauchy-Schwarz: ``scale * max|q_i| * max|k_j|``,
+    capped by the soft-cap, plus the largest |bias|. The value size is the largest |v|
+    (at least 1) times the dropout rescaling.
+    """
+    q, k, v = (
+        np.nan_to_num(case.arrays[key], nan=0.0, posinf=0.0, neginf=0.0) for key in "qkv"
+    )
+    d = q.shape[-1]
+    scale = case.options.get("scale")
+    scale = 1.0 / np.sqrt(d) if scale is None else abs(scale)
+    q_norm = np.linalg.norm(q, axis=-1).max(initial=0.0)
+    k_norm = np.linalg.norm(k, axis=-1).max(initial=0.0)
+    logit = scale * q_norm * k_norm
+    if case.options.get("softcap") is not None:
+        logit = min(logit, case.options["softcap"])
+    bias = case.arrays.get("bias")
+    if bias is not None:
+        logit += np.abs(bias[np.isfinite(bias)]).max(initial=0.0)
+    value = max(1.0, float(np.abs(v).max(initial=0.0)))
+    value /= 1.0 - case.options.get("dropout_p", 0.0)
+    return float(logit), value
+
+
+def compare(case: Case, got: Output, reference: Output) -> tuple[bool, float, float, str]:
+    """Compare `got` with `reference`; return (passed, abs error, rel error, detail).
+
+    Non-finite entries must match exactly (NaN where the reference is NaN, -inf lse rows
+    where it is -inf). Finite entries must agree within the tolerance for the dtype of
+    ``got.out``. The relative error is normwise: max |got - ref| / max |ref|.
+    """
+    out = np.asarray(got.out)
+    if out.shape != reference.out.shape:
+        detail = f"out has shape {out.shape}; expected {reference.out.shape}"
+        return False, np.inf, np.inf, detail
+    precision = np.dtype(got.precision or out.dtype)
+    unit = ERROR_UNIT.get(precision, ERROR_UNIT[np.dtype(np.float32)])
+    logit, value = error_scales(case)
+    tolerance = unit * (1 + logit) * value
+    passed, abs_error, detail = _compare_array("out", out, reference.out, tolerance)
+    finite_ref = np.abs(reference.out[np.isfinite(reference.out)])
+    rel_error = abs_error / max(float(finite_ref.max(initial=0.0)), np.finfo(np.float64).tiny)
+    if got.lse is not None and reference.lse is not None:
+        lse = np.asarray(got.lse, dtype=np.float64)
+        if lse.shape != reference.lse.shape:
+            return False, abs_error, rel_error, (
+                f"lse has shape {lse.shape}; expected {reference.lse.shape}"
+            )
+        finite_lse = np.abs(reference.lse[np.isfinite(reference.lse)]).max(initial=0.0)
+        lse_tol = unit * (1 + logit + finite_lse)
+        lse_passed, _, lse_detail = _compare_array("lse", lse, reference.lse, lse_tol)
+        if passed and not lse_passed:
+            passed, detail = False, lse_detail
+    return passed, abs_error, rel_error, detail
+
+
+def _compare_array(
+    name: str, got: np.ndarray, ref: np.ndarray, tol: float
+) -> tuple[bool, float, str]:
+    got = got.astype(np.float64)
+    both_finite = np.isfinite(got) & np.isfinite(ref)
+    # Non-finite entries must be identical, NaN included.
+    same_special = (got == ref) | (np.isnan(got) & np.isnan(ref))
+    bad_special = ~both_finite & ~same_special
+    with np.errstate(invalid="ignore"):  # inf - inf where both are non-finite
+        error = np.where(both_finite, np.abs(got - ref), 0.0)
+    abs_error = float(error.max(initial=0.0))
+    if bad_special.any():
+        index = tuple(int(i) for i in np.argwhere(bad_special)[0])
+        return False, abs_error, (
+            f"{name}{list(index)} is {got[index]!r}; expected {ref[index]!r} "
+            f"({int(bad_special.sum())} non-finite entries differ)"
+        )
+    if abs_error > tol:
+        index = tuple(int(i) for i in np.unravel_index(np.argmax(error), error.shape))
+        return False, abs_error, (
+            f"{name}{list(index)} is {got[index]!r}; expected {ref[index]!r} "
+            f"(error {abs_error:.3g} > tolerance {tol:.3g})"
+        )
+    return True, abs_error, ""
+
+
+def references_for(case: Case, oracle: Output) -> list[Output]:
+    """Return the oracle output and, for catalogue cases, the exact expected values."""
+    references = [oracle]
+    if case.expected_out is not None:
+        references.append(Output(case.expected_out, case.expected_lse))
+    return references
+
+
+def check_case(target: Target, case: Case, oracle: Output) -> CaseResult:
+    """Run `target` on `case` and compare with the oracle and any exact values.
+
+    When the plain comparison fails, each combination of the target's known
+    differences is tried, fewest first; the first that explains the result is named.
+    """
+    try:
+        got = target(case)
+    except UnsupportedCase as exc:
+        return CaseResult(case, UNSUPPORTED, detail=str(exc))
+    except Exception as exc:  # the target itself failed: report it as a mismatch
+        detail = f"raised {type(exc).__name__}: {exc}"
+        return CaseResult(case, MISMATCH, np.inf, np.inf, detail, reference=oracle)
+    passed, abs_error, rel_error, detail = _compare_all(case, got, references_for(case, oracle))
+    if passed:
+        return CaseResult(case, AGREE, abs_error, rel_error)
+    for size in range(1, len(target.differences) + 1):
+        for combination in itertools.combinations(target.differences, size):
+            if _explained_by(target, case, oracle, combination, got):
+                names = tuple(difference.name for difference in combination)
+                return CaseResult(case, DIFFERENCE, abs_error, rel_error, detail, names)
+    return CaseResult(case, MISMATCH, abs_error, rel_error, detail, reference=oracle)
+
+
+def _compare_all(case: Case, got: Output, references: list[Output]):
+    worst = (True, 0.0, 0.0, "")
+    for reference in references:
+        passed, abs_error, rel_error, detail = compare(case, got, reference)
+        if not passed:
+            return passed, abs_error, rel_error, detail
+        worst = (True, max(worst[1], abs_error), max(worst[2], rel_error), "")
+    return worst
+
+
+def _explained_by(target: Target, case: Case, oracle: Output, combination, got: Output) -> bool:
+    references = references_for(case, oracle)
+    adjusted_case = case
+    for difference in combination:
+        adjusted = [difference.adjust(adjusted_case, reference) for reference in references]
+        adjusted_case = adjusted[0][0]
+        references = [output for _, output in adjusted]
+    if adjusted_case is not case:  # the peer runs again only when its input changed
+        try:
+            got = target(adjusted_case)
+        except Exception:  # an adjustment the peer cannot run explains nothing
+            return False
+    return _compare_all(adjusted_case, got, references)[0]
+
+
+def check_target(
+    variant: str, target: Target, cases: list[Case], oracle: dict[str, Output]
+) -> TargetReport:
+    """Run one target over every case and return its report."""
+    report = TargetReport(variant, target.name, differences=target.differences)
+    for case in cases:
+        report.results.append(check_case(target, case, oracle[case.name]))
+    report.notes.extend(target.notes)
+    return report
