@@ -5,6 +5,7 @@ first use.
 """
 
 from kernattn._validate import DTypeError, OptionError, ShapeError
+from kernattn.decode import decode_attention
 from kernattn.masks import alibi_bias, structural_mask
 from kernattn.multihead import (
     AttentionParams,
@@ -25,6 +26,7 @@ __all__ = [
     "ShapeError",
     "ZeroDenominatorError",
     "alibi_bias",
+    "decode_attention",
     "feature_maps",
     "from_torch_multihead_attention",
     "linear_attention",

@@ -132,15 +132,34 @@ def lse_from_bhn(lse: np.ndarray, ndim: int) -> np.ndarray:
     return lse[0] if ndim == 3 else lse
 
 
-def check_qkv(q, k, v, layout: str):
-    """Validate q, k, v and return them as float64 (B, H, N, D) arrays.
+PRECISIONS = ("float64", "input")
 
-    Returns (q, k, v, ndim) where ndim is the rank of q, needed to shape the output.
+
+def compute_dtype(precision: str, *arrays) -> np.dtype:
+    """Return the dtype a backend computes in.
+
+    ``"float64"``: always float64. ``"input"``: float32 when every array is float32,
+    float16 or bfloat16, otherwise float64 (float64 and integer inputs).
+    """
+    if precision == "float64":
+        return np.dtype(np.float64)
+    # NumPy, JAX and PyTorch dtypes print as "float32" or "torch.float32"; lists have none.
+    names = [str(getattr(x, "dtype", "")).removeprefix("torch.") for x in arrays]
+    narrow = all(name in ("float32", "float16", "bfloat16") for name in names)
+    return np.dtype(np.float32 if narrow else np.float64)
+
+
+def check_qkv(q, k, v, layout: str, precision: str = "float64"):
+    """Validate q, k, v and return them as (B, H, N, D) arrays of the compute dtype.
+
+    The compute dtype follows `precision` (see `compute_dtype`). Returns
+    (q, k, v, ndim) where ndim is the rank of q, needed to shape the output.
     """
     layout = check_layout(layout)
-    q = as_float_array("q", q)
-    k = as_float_array("k", k)
-    v = as_float_array("v", v)
+    dtype = compute_dtype(precision, q, k, v)
+    q = as_float_array("q", q, dtype=dtype)
+    k = as_float_array("k", k, dtype=dtype)
+    v = as_float_array("v", v, dtype=dtype)
     ndim = q.ndim
     q4, k4, v4 = to_bhnd("q", q, layout), to_bhnd("k", k, layout), to_bhnd("v", v, layout)
     b, hq, n, d = q4.shape

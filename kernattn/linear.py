@@ -84,7 +84,9 @@ def linear_attention(
     return_state : bool, default False
         Also return ``(S, z)`` after the last valid key, to resume from.
     layout : {"bhnd", "bnhd"}, default "bhnd"
-    backend : {"numpy", "loops"}, default "numpy"
+    backend : {"numpy", "loops", "numba"}, default "numpy"
+        ``"numba"`` runs every form as the chunked kernel of `kernattn._numba.linear`,
+        in float64, in parallel over (batch row, query head).
 
     Returns
     -------
@@ -180,7 +182,18 @@ def linear_backends() -> dict:
     """Return the available linear-attention backends by name."""
     from kernattn.loops import linear as loops_linear
 
-    return {"numpy": _linear_attention_numpy, "loops": loops_linear.linear_attention}
+    return {
+        "numpy": _linear_attention_numpy,
+        "loops": loops_linear.linear_attention,
+        "numba": _linear_attention_numba,
+    }
+
+
+def _linear_attention_numba(q, k, v, **options):
+    """Numba twin, imported (and compiled) on first use so `import kernattn` stays light."""
+    from kernattn._numba.linear import linear_attention as numba_linear_attention
+
+    return numba_linear_attention(q, k, v, **options)
 
 
 def evaluate_feature_map(fmap: FeatureMap, x: np.ndarray, name: str) -> np.ndarray:

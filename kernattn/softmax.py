@@ -86,15 +86,18 @@ def softmax_attention(
     return_lse : bool, default False
         Also return the natural-log log-sum-exp of the final scores over the allowed
         keys.
-    backend : {"numpy", "loops"}, default "numpy"
+    backend : {"numpy", "loops", "numba"}, default "numpy"
         ``"loops"`` is the explicit-loop oracle (float64, ``math.fsum``), for inputs of
-        a few dozen positions.
+        a few dozen positions. ``"numpy"`` computes in float64. ``"numba"`` is the tiled
+        parallel kernel (compiled on first use); it computes in the input precision:
+        float32 when q, k and v are float32, float16 or bfloat16, else float64.
 
     Returns
     -------
-    out : ndarray, shape (B, Hq, N, M), float64
-        Attention output, with the rank and layout of `q`.
-    lse : ndarray, shape (B, Hq, N), float64
+    out : ndarray, shape (B, Hq, N, M)
+        Attention output, with the rank and layout of `q`. float64, or float32 from
+        the numba backend with float32 (or narrower) input.
+    lse : ndarray, shape (B, Hq, N), same dtype as `out`
         Only with ``return_lse=True``. Head-major in both layouts, as FlashAttention.
 
     Raises
@@ -149,6 +152,7 @@ def softmax_attention(
         q, k, v, scale=scale, mask=mask, bias=bias, causal=causal, alignment=alignment,
         window=window, softcap=softcap, kv_lengths=kv_lengths, q_lengths=q_lengths,
         dropout_mask=dropout_mask, dropout_p=dropout_p, layout=layout,
+        precision=BACKEND_PRECISION.get(backend, "float64"),
     )
     impl = V.check_backend(backend, softmax_backends())
     ndim = args.pop("ndim")
@@ -161,21 +165,24 @@ def softmax_attention(
 
 def prepare_softmax_inputs(
     q, k, v, *, scale, mask, bias, causal, alignment, window, softcap, kv_lengths,
-    q_lengths, dropout_mask, dropout_p, layout,
+    q_lengths, dropout_mask, dropout_p, layout, precision="float64",
 ) -> dict:
     """Validate every argument of `softmax_attention` and return the backend arguments.
 
     The result contains float64 (B, H, N, D) arrays, masks broadcast to (B, Hq, N, S) (or
-    None), a resolved `Structure` and the rank of q under "ndim".
+    None), a resolved `Structure` and the rank of q under "ndim". With
+    ``precision="input"``, q, k, v and bias are float32 instead when q, k and v are all
+    float32, float16 or bfloat16 (see `kernattn._validate.compute_dtype`).
     """
-    q, k, v, ndim = V.check_qkv(q, k, v, layout)
+    dtype = V.compute_dtype(precision, q, k, v)
+    q, k, v, ndim = V.check_qkv(q, k, v, layout, precision)
     b, hq, n, d = q.shape
     s = k.shape[2]
     full = (b, hq, n, s)
     if mask is not None:
         mask = V.broadcast_bhns("mask", V.as_bool_array("mask", mask), full)
     if bias is not None:
-        bias = V.broadcast_bhns("bias", V.as_float_array("bias", bias), full)
+        bias = V.broadcast_bhns("bias", V.as_float_array("bias", bias, dtype=dtype), full)
     if dropout_mask is not None:
         dropout_mask = V.broadcast_bhns(
             "dropout_mask", V.as_bool_array("dropout_mask", dropout_mask), full
@@ -198,12 +205,28 @@ def prepare_softmax_inputs(
     )
 
 
+# Backends that compute in the input precision (float32 stays float32); the others get
+# float64 arrays.
+BACKEND_PRECISION = {"numba": "input"}
+
+
 def softmax_backends() -> dict:
     """Return the available softmax backends by name; fast ones import on demand."""
     from kernattn.loops import softmax as loops_softmax
 
-    backends = {"numpy": _softmax_attention_numpy, "loops": loops_softmax.softmax_attention}
+    backends = {
+        "numpy": _softmax_attention_numpy,
+        "loops": loops_softmax.softmax_attention,
+        "numba": _softmax_attention_numba,
+    }
     return backends
+
+
+def _softmax_attention_numba(**kwargs):
+    """Numba twin, imported (and compiled) on first use so `import kernattn` stays light."""
+    from kernattn._numba.softmax import softmax_attention
+
+    return softmax_attention(**kwargs)
 
 
 def _softmax_attention_numpy(
