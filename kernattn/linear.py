@@ -25,6 +25,10 @@ from kernattn.softmax import _weighted_sum
 FORMS = ("quadratic", "parallel", "recurrent", "chunked")
 DEFAULT_CHUNK_SIZE = 64
 
+# Backends that compute in the input precision (float32 for float32, float16 and bfloat16
+# inputs); the others compute in float64.
+BACKEND_PRECISION = {"numba": "input"}
+
 
 def linear_attention(
     q,
@@ -86,12 +90,15 @@ def linear_attention(
     layout : {"bhnd", "bnhd"}, default "bhnd"
     backend : {"numpy", "loops", "numba"}, default "numpy"
         ``"numba"`` runs every form as the chunked kernel of `kernattn._numba.linear`,
-        in float64, in parallel over (batch row, query head).
+        in parallel over (batch row, query head), in the input precision: float32 when
+        q, k and v are float32, float16 or bfloat16 (features are computed in float64 and
+        rounded once), float64 otherwise. The other backends compute in float64.
 
     Returns
     -------
-    out : ndarray, shape (B, Hq, N, M), float64
-        With the rank and layout of `q`.
+    out : ndarray, shape (B, Hq, N, M)
+        With the rank and layout of `q`; float64, or float32 from ``"numba"`` on float32
+        input.
     state : tuple (S, z)
         Only with ``return_state=True``; shapes as for `initial_state`.
 
@@ -156,7 +163,10 @@ def linear_attention(
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
         raise V.OptionError(f"chunk_size is {chunk_size!r}; expected an integer >= 1")
     impl = V.check_backend(backend, linear_backends())
-    q4, k4, v4, ndim = V.check_qkv(float_input(q), float_input(k), float_input(v), layout)
+    precision = BACKEND_PRECISION.get(backend, "float64")
+    q4, k4, v4, ndim = V.check_qkv(
+        float_input(q), float_input(k), float_input(v), layout, precision
+    )
     b, hq, n, d = q4.shape
     hkv, s, m = k4.shape[1], k4.shape[2], v4.shape[3]
     structure = V.resolve_structure(causal, alignment, None, None, kv_lengths, b, n, s)
@@ -200,7 +210,8 @@ def evaluate_feature_map(fmap: FeatureMap, x: np.ndarray, name: str) -> np.ndarr
     """Apply φ to a (B, H, L, D) array and check the result is (B, H, L, F) and finite.
 
     Entries computed from non-finite input may be non-finite; those are only read
-    where the input is read.
+    where the input is read. The features have the dtype of x (maps compute in float64,
+    and float32 input gets its features rounded once to float32).
     """
     d = x.shape[-1]
     try:
@@ -208,7 +219,7 @@ def evaluate_feature_map(fmap: FeatureMap, x: np.ndarray, name: str) -> np.ndarr
     except Exception as err:  # a user's map that cannot run on zeros is reported here
         raise FeatureMapError(f"feature map {fmap!r} failed on input of dimension D = {d}: {err!r}") from err
     with np.errstate(over="ignore", invalid="ignore"):  # non-finite output is checked below
-        phi = np.asarray(fmap(x), dtype=np.float64)
+        phi = np.asarray(fmap(x), dtype=np.float64).astype(x.dtype, copy=False)
     if phi.shape != x.shape[:-1] + (expected_f,):
         raise V.ShapeError(
             f"feature map {fmap!r} returned shape {phi.shape} for {name} of shape "

@@ -272,6 +272,22 @@ def test_numba_kernel_float32_features():
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_numba_public_call_keeps_float32(causal, dtype):
+    """The public call computes float32 and float16 input in float32."""
+    rng = np.random.default_rng(6)
+    q, k, v = (rng.standard_normal((1, 2, 150, 8)).astype(dtype) for _ in range(3))
+    out, (state_s, state_z) = linear_attention(
+        q, k, v, fm.EluPlusOne(), causal=causal, backend="numba", return_state=True
+    )
+    expected = linear_attention(q, k, v, fm.EluPlusOne(), causal=causal, backend="loops")
+    assert out.dtype == np.float32
+    assert state_s.dtype == np.float32
+    assert state_z.dtype == np.float32
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
+
+
 def _causal_structure(b, n):
     from kernattn._validate import resolve_structure
 
