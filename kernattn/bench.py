@@ -330,15 +330,143 @@ def format_decode(result: dict) -> str:
 # ---- Linear attention ---------------------------------------------------------------------
 
 
-def linear_suite(full: bool, repeats: int, reference: dict) -> dict:
-    """Time causal and non-causal linear attention (elu+1, D = M = 64).
+LINEAR_SIZES = (1024, 4096, 16384)
+LINEAR_SIZES_FULL = LINEAR_SIZES + (65536,)
+LINEAR_HEADS, LINEAR_DIM = 8, 64  # D = M = F for elu+1
+TORCH_CHUNK = 64
+# The cumulative-sum formulation stores (B, H, N, F, M) twice: 1 GiB in fp32 at N = 4096.
+CUMSUM_MAX_N = 4096
+# The NumPy backend's chunked form loops over chunks in Python; it takes seconds per call
+# at N = 65536, so it runs once there instead of `repeats` times.
+NUMPY_SINGLE_RUN_N = 65536
 
-    NOTE: the Numba linear-attention kernel does not exist yet. When
-    `kernattn._numba.linear` lands, time it here against `kernattn.linear_attention`
-    (NumPy) and a PyTorch cumulative-sum / chunked formulation, N up to 65536, and add a
-    `format_linear` table.
+
+def torch_elu_features(torch, x):
+    return torch.nn.functional.elu(x) + 1
+
+
+def torch_cumsum(torch, q, k, v, causal: bool):
+    """Prefix sums of φ(k_j) v_jᵀ over positions: (B, H, N, F, M) in memory."""
+    pq, pk = torch_elu_features(torch, q), torch_elu_features(torch, k)
+    if not causal:
+        return torch_parallel(torch, pq, pk, v)
+    states = torch.einsum("bhnf,bhnm->bhnfm", pk, v).cumsum(dim=2)
+    num = torch.einsum("bhnf,bhnfm->bhnm", pq, states)
+    den = torch.einsum("bhnf,bhnf->bhn", pq, pk.cumsum(dim=2))
+    return num / den[..., None]
+
+
+def torch_chunked(torch, q, k, v, causal: bool, chunk: int = TORCH_CHUNK):
+    """Chunks of C queries: a masked (C, C) block inside, prefix states between chunks."""
+    pq, pk = torch_elu_features(torch, q), torch_elu_features(torch, k)
+    if not causal:
+        return torch_parallel(torch, pq, pk, v)
+    b, h, n, f = pq.shape
+    m = v.shape[-1]
+    pq_c = pq.reshape(b, h, n // chunk, chunk, f)  # (B, H, N/C, C, F)
+    pk_c = pk.reshape(b, h, n // chunk, chunk, f)
+    v_c = v.reshape(b, h, n // chunk, chunk, m)
+    block = (pq_c @ pk_c.transpose(-1, -2)).tril()  # (B, H, N/C, C, C)
+    chunk_s = pk_c.transpose(-1, -2) @ v_c  # (B, H, N/C, F, M)
+    chunk_z = pk_c.sum(dim=3)  # (B, H, N/C, F)
+    before_s = chunk_s.cumsum(dim=2) - chunk_s  # state of the keys before each chunk
+    before_z = chunk_z.cumsum(dim=2) - chunk_z
+    num = pq_c @ before_s + block @ v_c
+    den = (pq_c @ before_z[..., None])[..., 0] + block.sum(dim=-1)
+    return (num / den[..., None]).reshape(b, h, n, m)
+
+
+def torch_parallel(torch, pq, pk, v):
+    """Non-causal: S = φ(K)ᵀ V and z = Σ φ(k_j) once, then φ(Q) S / φ(Q) z."""
+    state_s = pk.transpose(-1, -2) @ v  # (B, H, F, M)
+    state_z = pk.sum(dim=2)  # (B, H, F)
+    return (pq @ state_s) / (pq @ state_z[..., None])
+
+
+def linear_suite(full: bool, repeats: int, reference: dict) -> dict:
+    """Time causal and non-causal linear attention (elu+1, B = 1, H = 8, D = M = 64).
+
+    kernattn's Numba backend in fp32 and fp64 and its NumPy backend (fp64, chunked form)
+    run through `kernattn.linear_attention`, feature map included; PyTorch CPU runs a
+    cumulative-sum formulation (up to `CUMSUM_MAX_N`) and a chunked one, in fp32 and fp64.
     """
-    return {"rows": [], "skipped": "the Numba linear-attention kernel is not written yet"}
+    from kernattn import linear_attention
+    from kernattn.feature_maps import EluPlusOne
+
+    torch = _import_torch()
+    phi = EluPlusOne()
+    rows = []
+    for n in LINEAR_SIZES_FULL if full else LINEAR_SIZES:
+        rng = np.random.default_rng(n)
+        q, k, v = (0.5 * rng.standard_normal((1, LINEAR_HEADS, n, LINEAR_DIM)) for _ in range(3))
+        for causal in (True, False):
+            row = {"N": n, "causal": causal, "B": 1, "H": LINEAR_HEADS, "D": LINEAR_DIM}
+            numba_out = linear_attention(q, k, v, phi, causal=causal, backend="numba")
+            for dtype_name, dtype in (("fp32", np.float32), ("fp64", np.float64)):
+                qq, kk, vv = (x.astype(dtype) for x in (q, k, v))
+                row[f"numba_{dtype_name}"] = _measure(
+                    lambda: linear_attention(qq, kk, vv, phi, causal=causal, backend="numba"),
+                    repeats,
+                )
+            numpy_repeats = 1 if n >= NUMPY_SINGLE_RUN_N else repeats
+            row["numpy_fp64"] = _measure(
+                lambda: linear_attention(q, k, v, phi, causal=causal, form="chunked"),
+                numpy_repeats,
+            )
+            if torch is not None:
+                _add_torch_linear(row, torch, q, k, v, causal, numba_out, repeats)
+            rows.append(row)
+    return {"rows": rows}
+
+
+def _add_torch_linear(row, torch, q, k, v, causal, numba_out, repeats) -> None:
+    """Add the PyTorch columns, and their largest difference from the Numba output."""
+    formulations = {"torch_chunked": torch_chunked}
+    if row["N"] <= CUMSUM_MAX_N:
+        formulations["torch_cumsum"] = torch_cumsum
+    for dtype_name, dtype in (("fp32", torch.float32), ("fp64", torch.float64)):
+        tq, tk, tv = (torch.from_numpy(x).to(dtype) for x in (q, k, v))
+        for name, formulation in formulations.items():
+            with torch.inference_mode():
+                call = lambda: formulation(torch, tq, tk, tv, causal)  # noqa: E731
+                result = _measure(call, repeats)
+                result["max_abs_diff_to_numba"] = float(
+                    np.max(np.abs(call().double().numpy() - numba_out))
+                )
+            row[f"{name}_{dtype_name}"] = result
+
+
+def _measure(call, repeats: int) -> dict:
+    return {"ms": 1e3 * median_time(call, repeats), "peak_mib": peak_memory_growth(call)}
+
+
+def format_linear(result: dict) -> str:
+    """Return the rows as a Markdown table: times in ms, then PyTorch / Numba ratios."""
+    columns = [
+        ("numba fp32", "numba_fp32"),
+        ("numba fp64", "numba_fp64"),
+        ("NumPy fp64", "numpy_fp64"),
+        ("torch cumsum fp32", "torch_cumsum_fp32"),
+        ("torch chunked fp32", "torch_chunked_fp32"),
+        ("torch cumsum fp64", "torch_cumsum_fp64"),
+        ("torch chunked fp64", "torch_chunked_fp64"),
+    ]
+    header = ["causal", "N"] + [f"{label} ms" for label, _ in columns]
+    header += ["best torch fp32 / numba fp32", "best torch fp64 / numba fp64",
+               "numba fp32 peak MiB"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in result["rows"]:
+        cells = [str(row["causal"]), str(row["N"])]
+        cells += [f"{row[key]['ms']:.1f}" if key in row else "-" for _, key in columns]
+        for precision in ("fp32", "fp64"):
+            times = [row[key]["ms"] for key in row
+                     if key.startswith("torch") and key.endswith(precision)]
+            numba_ms = row[f"numba_{precision}"]["ms"]
+            cells.append(f"{min(times) / numba_ms:.2f}x" if times else "-")
+        peak = row["numba_fp32"]["peak_mib"]
+        cells.append("-" if peak is None else f"{peak:.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 # ---- Compilation --------------------------------------------------------------------------
@@ -400,7 +528,7 @@ def format_compile(result: dict) -> str:
 SUITES = {
     "softmax": (softmax_suite, format_softmax),
     "decode": (decode_suite, format_decode),
-    "linear": (linear_suite, None),
+    "linear": (linear_suite, format_linear),
     "compile": (compile_suite, format_compile),
 }
 
@@ -417,8 +545,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--full", action="store_true",
-        help="add the largest sizes: softmax N = 16384, decode contexts 16k and 32k "
-        "(several minutes)",
+        help="add the largest sizes: softmax N = 16384, decode contexts 16k and 32k, "
+        "linear N = 65536 (several minutes)",
     )
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per case (median)")
     parser.add_argument(

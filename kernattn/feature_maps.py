@@ -39,8 +39,14 @@ class FeatureMap:
     rational = False
 
     def __call__(self, x) -> np.ndarray:
-        """Map x of shape (..., D) to features of shape (..., F), float64."""
-        x = np.asarray(x, dtype=np.float64)
+        """Map x of shape (..., D) to features of shape (..., F).
+
+        float32 input is mapped in float32 (as the numba backend computes); anything
+        else is converted to float64 first.
+        """
+        x = np.asarray(x)
+        if x.dtype != np.float32:
+            x = x.astype(np.float64)
         if x.ndim < 1:
             raise V.ShapeError(f"{self!r} got a scalar; expected an array of shape (..., D)")
         return self._features(x)
@@ -268,7 +274,8 @@ class EluPlusOne(FeatureMap):
 
     def _features(self, x):
         # elu(x) + 1 is x + 1 for x > 0 and exp(x) otherwise.
-        return np.where(x > 0, x + 1.0, np.exp(np.minimum(x, 0.0)))
+        one = x.dtype.type(1)
+        return np.where(x > 0, x + one, np.exp(np.minimum(x, 0)))
 
     def num_features(self, d):
         return d

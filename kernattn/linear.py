@@ -210,8 +210,8 @@ def evaluate_feature_map(fmap: FeatureMap, x: np.ndarray, name: str) -> np.ndarr
     """Apply φ to a (B, H, L, D) array and check the result is (B, H, L, F) and finite.
 
     Entries computed from non-finite input may be non-finite; those are only read
-    where the input is read. The features have the dtype of x (maps compute in float64,
-    and float32 input gets its features rounded once to float32).
+    where the input is read. The features have the dtype of x: built-in maps compute
+    float32 input in float32, and other results are converted.
     """
     d = x.shape[-1]
     try:
@@ -219,7 +219,9 @@ def evaluate_feature_map(fmap: FeatureMap, x: np.ndarray, name: str) -> np.ndarr
     except Exception as err:  # a user's map that cannot run on zeros is reported here
         raise FeatureMapError(f"feature map {fmap!r} failed on input of dimension D = {d}: {err!r}") from err
     with np.errstate(over="ignore", invalid="ignore"):  # non-finite output is checked below
-        phi = np.asarray(fmap(x), dtype=np.float64).astype(x.dtype, copy=False)
+        phi = np.asarray(fmap(x))
+    if phi.dtype != x.dtype:
+        phi = phi.astype(x.dtype)
     if phi.shape != x.shape[:-1] + (expected_f,):
         raise V.ShapeError(
             f"feature map {fmap!r} returned shape {phi.shape} for {name} of shape "
