@@ -1,24 +1,29 @@
 """The `kernattn` command line. This is the only module of kernattn that prints.
 
-    kernattn verify                           every backend against the loop oracle
+    kernattn verify                           every backend of every variant against
+                                              the loop oracle
     kernattn verify jax | torch               a peer library against the loop oracle
     kernattn verify MODULE:FUNCTION           a user's function against the loop oracle
+    kernattn check-feature-map MODULE:OBJECT  report on a user's feature map
+    kernattn bench [...]                      benchmarks (kernattn.bench.run_bench)
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 import os
 import re
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Sequence, TextIO
 
 import numpy as np
 
 from kernattn import verify
-from kernattn.verify.cases import DEFAULT_CASE_COUNT
+from kernattn.verify.names import FEATURE_MAP_NAMES, is_feature_map_name
+from kernattn.verify.shrink import describe
 
 EXIT_OK = 0
 EXIT_MISMATCH = 1
@@ -34,17 +39,27 @@ exit codes:
   {EXIT_PEER_MISSING}  the peer library (jax or torch) is not installed
 """
 
+FEATURE_MAP_HELP = "feature-map names: " + ", ".join(FEATURE_MAP_NAMES)
+
 VERIFY_DESCRIPTION = """\
 Check attention implementations against kernattn's explicit-loop oracle on seeded
 random inputs and on a catalogue of edge cases with exact expected values.
 
 TARGET is one of:
-  (none)           every kernattn backend except the oracle, with float64 and float32 input
-  jax              jax.nn.dot_product_attention
-  torch            torch.nn.functional.scaled_dot_product_attention
-  MODULE:FUNCTION  your function f(q, k, v, **keywords) taking NumPy (B, H, N, D) arrays
-                   and the keyword names of kernattn.softmax_attention; the current
-                   directory is importable
+  (none)           every kernattn backend except the oracle, with float64 and float32
+                   input, for every variant unless --variant names one
+  jax              jax.nn.dot_product_attention (softmax)
+  torch            torch.nn.functional.scaled_dot_product_attention (softmax)
+  MODULE:FUNCTION  your function, taking NumPy float64 (B, H, N, D) arrays; the current
+                   directory is importable. By variant:
+                     softmax     f(q, k, v, **keywords of kernattn.softmax_attention)
+                     similarity  f(q, k, v, sim, **keywords of similarity_attention)
+                     linear      f(q, k, v, **keywords of linear_attention), with
+                                 feature_map= only if f has that parameter; otherwise
+                                 --feature-map names the map f computes
+
+A mismatching case is shrunk to the smallest input that still fails (unless
+--no-shrink); --save-failures writes that input and a command that reruns it.
 """
 
 
@@ -58,15 +73,22 @@ def build_parser() -> argparse.ArgumentParser:
         "verify",
         help="check attention implementations against the loop oracle",
         description=VERIFY_DESCRIPTION,
-        epilog=EXIT_CODES_HELP,
+        epilog=EXIT_CODES_HELP + "\n" + FEATURE_MAP_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     check.add_argument("target", nargs="?", default=None, help="what to check (see above)")
     check.add_argument(
         "--variant",
-        default="softmax",
+        default=None,
         choices=sorted(verify.VARIANTS),
-        help="attention family to check (default: softmax)",
+        help="attention family to check (default: every variant without a TARGET, "
+        "softmax with one)",
+    )
+    check.add_argument(
+        "--feature-map",
+        metavar="NAME",
+        help="linear variant: use this feature map in every case, e.g. elu+1, relu, "
+        "polynomial:2, taylor, favor:64 (names listed below)",
     )
     check.add_argument(
         "--seed", type=int, default=0, help="seed of the random cases (default: 0)"
@@ -74,15 +96,19 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--cases",
         type=_non_negative_int,
-        default=DEFAULT_CASE_COUNT,
+        default=None,
         metavar="N",
-        help=f"number of random cases, besides the edge cases (default: {DEFAULT_CASE_COUNT})",
+        help="number of random cases per variant, besides the edge cases (default: "
+        + ", ".join(f"{name} {variant.default_case_count}"
+                    for name, variant in verify.VARIANTS.items())
+        + ")",
     )
     check.add_argument(
         "--save-failures",
         type=Path,
         metavar="DIR",
-        help="write each mismatching input to DIR as .npz, with the command that reruns it",
+        help="write each mismatching input (shrunk) to DIR as .npz, with the command "
+        "that reruns it",
     )
     check.add_argument(
         "--replay",
@@ -92,7 +118,43 @@ def build_parser() -> argparse.ArgumentParser:
         help="check only the case saved in FILE by --save-failures (repeatable)",
     )
     check.add_argument(
+        "--no-shrink", action="store_true", help="report mismatches without shrinking them"
+    )
+    check.add_argument(
+        "--progress",
+        action="store_true",
+        help="report progress on stderr even when it is not a terminal",
+    )
+    check.add_argument(
         "--verbose", action="store_true", help="list every case, not only the ones that differ"
+    )
+    feature_map = commands.add_parser(
+        "check-feature-map",
+        help="check a feature map's shapes, kernel identity and signs",
+        description="Load a feature map and print kernattn.testing.check_feature_map's "
+        "report. OBJECT is a FeatureMap instance, a FeatureMap class (called without "
+        "arguments) or a callable (..., D) -> (..., F); a name without ':' is a "
+        "built-in map. Exit code 0 when every check passes, 1 when one fails, 2 when "
+        "OBJECT or the kernel cannot be loaded.",
+        epilog=FEATURE_MAP_HELP,
+    )
+    feature_map.add_argument("object", metavar="MODULE:OBJECT", help="the feature map")
+    feature_map.add_argument(
+        "--kernel",
+        metavar="MODULE:FUNCTION",
+        help="kernel(x, y) that φ(x)·φ(y) must equal (or estimate, for a random map); "
+        "default: the map's own kernel method",
+    )
+    feature_map.add_argument(
+        "--positive", action="store_true", help="claim that every feature is positive"
+    )
+    feature_map.add_argument(
+        "--seed", type=int, default=0, help="seed of the inputs the checks draw (default: 0)"
+    )
+    commands.add_parser(
+        "bench",
+        help="run the benchmarks (arguments go to kernattn.bench)",
+        add_help=False,
     )
     return parser
 
@@ -106,30 +168,176 @@ def _non_negative_int(text: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line with `argv` (default: sys.argv[1:]) and return the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        # Every later argument, --help included, belongs to the benchmark runner.
+        return _run_bench(argv[1:])
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help exits 0, a bad command line exits 2
         return int(exc.code or 0)
+    if args.command == "check-feature-map":
+        return _run_check_feature_map(args)
     return _run_verify(args)
 
 
-def _run_verify(args: argparse.Namespace) -> int:
-    variant = verify.VARIANTS[args.variant]
+def _run_bench(argv: list[str]) -> int:
     try:
-        targets = _targets(variant, args.target)
-    except verify.PeerNotInstalled as exc:
-        print(f"kernattn verify: {exc}", file=sys.stderr)
-        return EXIT_PEER_MISSING
-    except (ValueError, ImportError) as exc:
-        print(f"kernattn verify: {exc}", file=sys.stderr)
+        bench = importlib.import_module("kernattn.bench")
+    except ModuleNotFoundError as exc:
+        if exc.name != "kernattn.bench":
+            raise
+        print(
+            "kernattn bench: this installation of kernattn has no benchmark runner "
+            "(module kernattn.bench is missing); install a kernattn version that "
+            "includes it",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
-    if args.replay:
-        cases = [verify.load_case(path) for path in args.replay]
-    else:
-        cases = verify.build_cases(variant, args.seed, args.cases)
-    print(f"kernattn verify: variant {variant.name}, {len(cases)} cases (seed {args.seed})")
-    reports = verify.run_verify(variant, targets, cases)
+    run_bench = getattr(bench, "run_bench", None)
+    if run_bench is None:
+        print("kernattn bench: module kernattn.bench has no function run_bench(argv)",
+              file=sys.stderr)
+        return EXIT_USAGE
+    return int(run_bench(argv) or 0)
+
+
+def _run_check_feature_map(args: argparse.Namespace) -> int:
+    from kernattn.testing import check_feature_map
+
+    _current_directory_importable()
+    try:
+        feature_map = load_feature_map(args.object)
+        kernel = None if args.kernel is None else verify.import_function(args.kernel)
+    except (ValueError, ImportError, TypeError) as exc:
+        print(f"kernattn check-feature-map: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    report = check_feature_map(
+        feature_map, kernel, positive=True if args.positive else None, random_state=args.seed
+    )
+    print(report)
+    return EXIT_OK if report.passed else EXIT_MISMATCH
+
+
+def load_feature_map(spec: str):
+    """Return the feature map that ``MODULE:OBJECT`` or a built-in name refers to.
+
+    A built-in name (see `kernattn.verify.names`) wins over a module of the same name.
+
+    A class is instantiated without arguments; an instance or a plain callable is
+    returned as it is.
+
+    Raises
+    ------
+    ValueError, ImportError
+        `spec` cannot be imported or is not a feature map.
+    TypeError
+        A class that cannot be called without arguments.
+    """
+    if ":" not in spec or is_feature_map_name(spec):
+        return verify.feature_map_from_name(spec)
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise ValueError(f"feature map is {spec!r}; expected MODULE:OBJECT or a built-in name")
+    obj = importlib.import_module(module_name)
+    for part in attribute.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"module {module_name!r} has no attribute {attribute!r}")
+        obj = getattr(obj, part)
+    if isinstance(obj, type):
+        try:
+            obj = obj()
+        except TypeError as exc:
+            raise TypeError(
+                f"{spec} is a class that cannot be called without arguments ({exc}); "
+                f"point to an instance instead"
+            ) from exc
+    if not callable(obj):
+        raise ValueError(f"{spec} is a {type(obj).__name__}; expected a feature map or a callable")
+    return obj
+
+
+def _current_directory_importable() -> None:
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # let `kernattn verify mymodule:f` find ./mymodule.py
+
+
+class ProgressLine:
+    """Write progress to `stream`: one rewritten line on a terminal, else one line per step.
+
+    Off unless `stream` is a terminal or `forced`.
+    """
+
+    def __init__(self, stream: TextIO, forced: bool = False):
+        self.stream = stream
+        self.terminal = stream.isatty()
+        self.enabled = self.terminal or forced
+        self.last_label = ""
+
+    def __call__(self, label: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if self.terminal:
+            text = f"{label}: {done}/{total}" if total else label
+            self.stream.write("\r\033[K" + text[:150])
+            self.stream.flush()
+        elif total == 0 or (done == total and label != self.last_label):
+            self.stream.write(f"{label}: {done}/{total} cases\n" if total else f"{label}\n")
+            self.last_label = label
+
+    def close(self) -> None:
+        if self.enabled and self.terminal:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+
+
+def _variant_names(args: argparse.Namespace) -> list[str]:
+    """Return the variants to run: the one named, else all without a target or replay."""
+    if args.variant is not None:
+        return [args.variant]
+    if args.feature_map is not None:
+        return ["linear"]
+    if args.target is not None or args.replay:
+        return ["softmax"]
+    return list(verify.VARIANTS)
+
+
+def _run_verify(args: argparse.Namespace) -> int:
+    names = _variant_names(args)
+    if args.feature_map is not None and names != ["linear"]:
+        print("kernattn verify: --feature-map applies only to --variant linear", file=sys.stderr)
+        return EXIT_USAGE
+    plans = []
+    for name in names:
+        variant = verify.VARIANTS[name]
+        try:
+            targets = _targets(variant, args.target, args.feature_map)
+            if args.feature_map is not None:
+                verify.feature_map_from_name(args.feature_map)
+        except verify.PeerNotInstalled as exc:
+            print(f"kernattn verify: {exc}", file=sys.stderr)
+            return EXIT_PEER_MISSING
+        except (ValueError, ImportError) as exc:
+            print(f"kernattn verify: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        if args.replay:
+            cases = [verify.load_case(path) for path in args.replay]
+        else:
+            cases = verify.build_cases(variant, args.seed, args.cases)
+            if args.feature_map is not None:
+                count = variant.default_case_count if args.cases is None else args.cases
+                cases = verify.linear_cases.edge_cases(args.feature_map)
+                cases += verify.linear_cases.random_cases(args.seed, count, args.feature_map)
+        plans.append((variant, targets, cases))
+    progress = ProgressLine(sys.stderr, args.progress)
+    reports = []
+    for variant, targets, cases in plans:
+        print(f"kernattn verify: variant {variant.name}, {len(cases)} cases (seed {args.seed})")
+        reports += verify.run_verify(
+            variant, targets, cases, shrink=not args.no_shrink, progress=progress
+        )
+    progress.close()
     print()
     print(format_table(reports))
     for report in reports:
@@ -149,21 +357,30 @@ def _run_verify(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _targets(variant: verify.Variant, target: str | None) -> list:
+def _targets(variant: verify.Variant, target: str | None, feature_map: str | None) -> list:
     if target is None:
         return variant.backend_targets()
     if target in variant.peers:
         return variant.peers[target]()
     if ":" not in target:
-        names = ", ".join(sorted(variant.peers))
+        peers = [name for name in verify.PEERS if name in variant.peers]
+        choices = ", ".join(peers + ["MODULE:FUNCTION"])
         raise ValueError(
-            f"target is {target!r}; expected nothing (all backends), one of {names}, or "
-            f"MODULE:FUNCTION"
+            f"target is {target!r}; expected nothing (all backends) or, for variant "
+            f"{variant.name}, one of {choices}"
         )
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())  # let `kernattn verify mymodule:f` find ./mymodule.py
+    _current_directory_importable()
     function = verify.import_function(target)
-    return [verify.FunctionTarget(function, target)]
+    if (
+        variant.name == "linear"
+        and feature_map is None
+        and not verify.linear_cases.takes_feature_map(function)
+    ):
+        raise ValueError(
+            f"{target} has no feature_map parameter, so its feature map is built in; "
+            f"name it with --feature-map NAME ({', '.join(FEATURE_MAP_NAMES)})"
+        )
+    return [variant.function_target(function, target)]
 
 
 COLUMNS = (
@@ -223,6 +440,11 @@ def format_details(report: verify.TargetReport, *, verbose: bool = False) -> str
             lines.append(f"    {result.detail}")
             if result.case.options:
                 lines.append(f"    options: {result.case.options}")
+            shrunk = result.shrunk
+            if shrunk is not None and shrunk.steps:
+                lines.append(f"    shrunk in {len(shrunk.steps)} steps ({shrunk.attempts} tries) "
+                             f"to [{describe(shrunk.case)}]")
+                lines.append(f"    {shrunk.result.detail}")
         elif verbose:
             lines.append(
                 f"  {result.status}: {result.case.name} [{result.case.describe_shapes()}] "
@@ -234,23 +456,29 @@ def format_details(report: verify.TargetReport, *, verbose: bool = False) -> str
 
 
 def _save_failures(reports: list[verify.TargetReport], args: argparse.Namespace) -> None:
+    """Write the smallest failing input of each mismatch, and the command that reruns it."""
     directory: Path = args.save_failures
     directory.mkdir(parents=True, exist_ok=True)
     target_argument = f" {args.target}" if args.target else ""
+    feature_map = f" --feature-map {args.feature_map}" if args.feature_map else ""
     commands = []
     for report in reports:
         for result in report.failures:
+            case, reference = result.case, result.reference
+            if result.shrunk is not None:
+                case, reference = result.shrunk.case, result.shrunk.result.reference
             stem = _slug(f"{report.variant}-{report.target}-{result.case.name}")
             path = directory / f"{stem}.npz"
             command = (
-                f"kernattn verify{target_argument} --variant {report.variant} --replay {path}"
+                f"kernattn verify{target_argument} --variant {report.variant}{feature_map} "
+                f"--replay {path}"
             )
-            references = {"command": np.array(command)}
-            if result.reference is not None:
-                references["reference_out"] = result.reference.out
-                if result.reference.lse is not None:
-                    references["reference_lse"] = result.reference.lse
-            verify.save_case(path, result.case, references)
+            references = {"command": np.array(command), "original": np.array(result.case.name)}
+            if reference is not None and reference.out is not None:
+                references["reference_out"] = reference.out
+                if reference.lse is not None:
+                    references["reference_lse"] = reference.lse
+            verify.save_case(path, case, references)
             commands.append(command)
     (directory / "reproduce.txt").write_text("\n".join(commands) + "\n")
     print(f"saved {len(commands)} failing inputs to {directory}; rerun one with:")

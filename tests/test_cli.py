@@ -6,11 +6,15 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import types
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from kernattn import cli
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 USER_MODULE = textwrap.dedent(
     '''
@@ -28,6 +32,23 @@ USER_MODULE = textwrap.dedent(
 
     def tiled(q, k, v):
         return _attention(q, k, v, lambda x, g: np.tile(x, (1, g, 1, 1)))
+
+    def elu_plus_one(x):
+        return np.where(x > 0, x + 1.0, np.exp(np.minimum(x, 0.0)))
+
+    def linear_any_causal(q, k, v, causal=False):
+        """elu+1 linear attention that ignores `causal`: wrong for causal rows once N >= 2."""
+        group = q.shape[1] // k.shape[1]
+        scores = elu_plus_one(q) @ elu_plus_one(np.repeat(k, group, axis=1)).swapaxes(-1, -2)
+        return scores @ np.repeat(v, group, axis=1) / scores.sum(axis=-1, keepdims=True)
+
+    def dot_similarity(q, k, v, sim, mask=None):
+        scores = np.array([[[[sim(x, y) for y in k[b, h]] for x in q[b, h]]
+                            for h in range(q.shape[1])] for b in range(q.shape[0])])
+        if mask is not None:
+            scores = np.where(mask, scores, 0.0)
+        with np.errstate(divide="ignore", invalid="ignore"):  # no zero-denominator policy
+            return scores @ v / scores.sum(axis=-1, keepdims=True)
     '''
 )
 
@@ -49,6 +70,8 @@ def test_verify_backends_pass(capsys):
     assert "numpy (float64 input)" in output
     assert "loops (oracle) vs exact values" in output
     assert "OK: no mismatches" in output
+    rows = [line.split()[0] for line in output.splitlines() if "(float32 input)" in line]
+    assert {"softmax", "similarity", "linear"} <= set(rows)
 
 
 def test_verify_help_lists_exit_codes(capsys):
@@ -129,3 +152,110 @@ def test_console_script_runs():
     )
     assert completed.returncode == 0, completed.stdout + completed.stderr
     assert "OK: no mismatches" in completed.stdout
+
+
+def test_verify_linear_shrinks_and_saves(user_module, capsys):
+    failures = user_module / "failures"
+    code = cli.main([
+        "verify", "userattn:linear_any_causal", "--variant", "linear", "--feature-map",
+        "elu+1", "--cases", "8", "--save-failures", str(failures),
+    ])
+    assert code == cli.EXIT_MISMATCH
+    output = capsys.readouterr().out
+    assert "MISMATCH edge-lin-means-causal-normaliser@parallel [B=1 Hq=1 Hkv=1 N=4 S=4" in output
+    assert "to [B=1 Hq=1 Hkv=1 N=2 S=2 D=1 M=1; feature_map='elu+1', causal=True" in output
+    [saved] = failures.glob("*edge-lin-means-causal-normaliser_parallel.npz")
+    with np.load(saved, allow_pickle=False) as data:
+        assert data["q"].shape == (1, 1, 2, 1)
+        command = str(data["command"])
+    assert command == (
+        f"kernattn verify userattn:linear_any_causal --variant linear --feature-map elu+1 "
+        f"--replay {saved}"
+    )
+    assert cli.main(command.split()[1:]) == cli.EXIT_MISMATCH
+    assert "1 cases" in capsys.readouterr().out
+
+
+def test_verify_linear_needs_feature_map(user_module, capsys):
+    assert cli.main(["verify", "userattn:linear_any_causal", "--variant", "linear"]) == cli.EXIT_USAGE
+    assert "--feature-map NAME" in capsys.readouterr().err
+
+
+def test_verify_unknown_feature_map(capsys):
+    assert cli.main(["verify", "--variant", "linear", "--feature-map", "softmax"]) == cli.EXIT_USAGE
+    assert "feature map 'softmax' is unknown" in capsys.readouterr().err
+
+
+def test_verify_feature_map_needs_linear(capsys):
+    assert cli.main(["verify", "--variant", "softmax", "--feature-map", "relu"]) == cli.EXIT_USAGE
+    assert "only to --variant linear" in capsys.readouterr().err
+
+
+def test_verify_linear_backends_with_feature_map(capsys):
+    code = cli.main(["verify", "--variant", "linear", "--feature-map", "favor:8", "--cases", "4"])
+    assert code == cli.EXIT_OK
+    output = capsys.readouterr().out
+    assert "variant linear" in output
+    assert "numpy (float32 input)" in output
+    assert "OK: no mismatches" in output
+
+
+def test_verify_similarity_user_function(user_module, capsys):
+    code = cli.main(["verify", "userattn:dot_similarity", "--variant", "similarity", "--cases", "4",
+                     "--no-shrink"])
+    output = capsys.readouterr().out
+    assert code == cli.EXIT_MISMATCH  # no zero-denominator policy, no causal rule
+    assert "MISMATCH edge-sim-poly2-one-26th-exact" not in output
+    assert "not supported" in output
+    assert "shrunk" not in output
+
+
+def test_verify_progress_to_stderr(capsys):
+    assert cli.main(["verify", "--variant", "similarity", "--cases", "2", "--progress"]) == 0
+    err = capsys.readouterr().err
+    assert "similarity / numpy (float64 input): " in err
+
+
+def test_check_feature_map_missing_sqrt2(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    code = cli.main([
+        "check-feature-map", "feature_map_missing_sqrt2:my_feature_map",
+        "--kernel", "feature_map_missing_sqrt2:squared_dot",
+    ])
+    output = capsys.readouterr().out
+    assert code == cli.EXIT_MISMATCH
+    assert "FAIL  kernel identity" in output
+    assert "result: FAILED" in output
+
+
+def test_check_feature_map_builtin_and_class(capsys):
+    assert cli.main(["check-feature-map", "polynomial:2"]) == cli.EXIT_OK
+    assert "result: passed" in capsys.readouterr().out
+    code = cli.main(["check-feature-map", "kernattn.feature_maps:EluPlusOne", "--positive"])
+    assert code == cli.EXIT_OK
+    assert "ok    positive features" in capsys.readouterr().out
+
+
+def test_check_feature_map_claimed_positive_fails(capsys):
+    assert cli.main(["check-feature-map", "identity", "--positive"]) == cli.EXIT_MISMATCH
+
+
+def test_check_feature_map_bad_object(capsys):
+    assert cli.main(["check-feature-map", "kernattn.feature_maps:Polynomial"]) == cli.EXIT_USAGE
+    assert "cannot be called without arguments" in capsys.readouterr().err
+    assert cli.main(["check-feature-map", "no_such_module_xyz:phi"]) == cli.EXIT_USAGE
+
+
+def test_bench_passes_arguments(monkeypatch):
+    received = []
+    fake = types.ModuleType("kernattn.bench")
+    fake.run_bench = lambda argv: received.append(argv) or 7
+    monkeypatch.setitem(sys.modules, "kernattn.bench", fake)
+    assert cli.main(["bench", "--help", "softmax"]) == 7
+    assert received == [["--help", "softmax"]]
+
+
+def test_bench_missing_module(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "kernattn.bench", None)  # makes the import fail
+    assert cli.main(["bench"]) == cli.EXIT_USAGE
+    assert "module kernattn.bench is missing" in capsys.readouterr().err

@@ -21,9 +21,13 @@ import numpy as np
 
 from kernattn.masks import structural_mask
 
-# Names of q, k, v and of the array keywords of softmax_attention, in the order saved.
-ARRAY_KEYWORDS = ("mask", "bias", "kv_lengths", "q_lengths", "dropout_mask")
-FLOAT_ARRAYS = ("q", "k", "v", "bias")
+# Names of the array keywords a case may hold besides q, k and v. The initial state of
+# linear attention is stored as two arrays and passed as the pair (S0, z0).
+ARRAY_KEYWORDS = (
+    "mask", "bias", "kv_lengths", "q_lengths", "dropout_mask", "initial_state_S",
+    "initial_state_z",
+)
+FLOAT_ARRAYS = ("q", "k", "v", "bias", "initial_state_S", "initial_state_z")
 
 # Sizes of random cases. The loop oracle costs O(B Hq N S (D + M)) Python operations,
 # so these keep a whole default run to a few seconds.
@@ -74,6 +78,13 @@ class Case:
         Exact expected output, for catalogue cases.
     expected_lse : ndarray, shape (B, Hq, N), optional
         Exact expected log-sum-exp, for catalogue cases.
+    expected_state : tuple (S (B, Hkv, F, M), z (B, Hkv, F)), optional
+        Expected linear-attention state, for catalogue cases with ``return_state``.
+    expected_raised : tuple of (batch, head, query), optional
+        Rows a `ZeroDenominatorError` must name, for cases whose policy is "raise".
+    exact : bool, default False
+        q, k and v are integers and the oracle computes in exact rational arithmetic,
+        so its output must equal `expected_out` bit for bit.
     """
 
     name: str
@@ -81,6 +92,9 @@ class Case:
     options: dict[str, Any] = field(default_factory=dict)
     expected_out: np.ndarray | None = None
     expected_lse: np.ndarray | None = None
+    expected_state: tuple[np.ndarray, np.ndarray] | None = None
+    expected_raised: tuple[tuple[int, int, int], ...] | None = None
+    exact: bool = False
 
     def keywords(self) -> dict[str, Any]:
         """Return every keyword argument except q, k and v."""
@@ -88,7 +102,7 @@ class Case:
         return {**extra, **self.options}
 
     def with_float_dtype(self, dtype) -> Case:
-        """Return a copy whose q, k, v and bias have `dtype`."""
+        """Return a copy whose q, k, v, bias and initial state have `dtype`."""
         arrays = {
             key: value.astype(dtype) if key in FLOAT_ARRAYS else value
             for key, value in self.arrays.items()
@@ -331,10 +345,15 @@ def save_case(
     payload = dict(case.arrays)
     payload["name"] = np.array(case.name)
     payload["options"] = np.array(json.dumps(case.options))
+    payload["exact"] = np.array(case.exact)
     if case.expected_out is not None:
         payload["expected_out"] = case.expected_out
     if case.expected_lse is not None:
         payload["expected_lse"] = case.expected_lse
+    if case.expected_state is not None:
+        payload["expected_state_S"], payload["expected_state_z"] = case.expected_state
+    if case.expected_raised is not None:
+        payload["expected_raised"] = np.array(case.expected_raised, dtype=np.int64).reshape(-1, 3)
     payload.update(references or {})
     np.savez(path, **payload)
     return path
@@ -349,10 +368,19 @@ def load_case(path: str | Path) -> Case:
         options["window"] = tuple(options["window"])  # JSON has no tuples
     name = str(contents.pop("name"))
     arrays = {key: contents[key] for key in ("q", "k", "v", *ARRAY_KEYWORDS) if key in contents}
+    expected_state = None
+    if "expected_state_S" in contents:
+        expected_state = (contents["expected_state_S"], contents["expected_state_z"])
+    expected_raised = None
+    if "expected_raised" in contents:
+        expected_raised = tuple(tuple(int(x) for x in row) for row in contents["expected_raised"])
     return Case(
         name,
         arrays,
         options,
         contents.get("expected_out"),
         contents.get("expected_lse"),
+        expected_state,
+        expected_raised,
+        bool(contents.get("exact", False)),
     )

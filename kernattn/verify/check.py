@@ -1,15 +1,17 @@
 """Compare targets with the oracle, case by case, and collect the results per target.
 
-A target is any callable that takes a `Case` and returns ``(out, lse)`` with lse None
-when the target does not compute it. It raises `UnsupportedCase` for an option it
-cannot express; that case is then reported, not failed.
+A target is any callable that takes a `Case` and returns an `Output`: ``out``, and
+``lse`` or the linear-attention ``state`` when it computes them. It raises
+`UnsupportedCase` for an option it cannot express; that case is then reported, not
+failed. The tolerance of each comparison comes from a `Scales` that the variant
+computes from the case (see `kernattn.verify.Variant.scales`).
 """
 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
@@ -24,6 +26,9 @@ ERROR_UNIT = {
     np.dtype(np.float32): 1e-5,
     np.dtype(np.float16): 1e-2,
 }
+
+# Stands for the rows of a zero-denominator exception that does not name them.
+ROWS_NOT_NAMED = ((-1, -1, -1),)
 
 AGREE = "agree"
 DIFFERENCE = "known difference"
@@ -42,11 +47,30 @@ class Output:
     `precision` is the float dtype whose tolerance applies; None means the dtype of
     `out`. A target fed float32 inputs sets it to float32 even when it returns float64,
     because rounding the inputs already costs float32 accuracy.
+
+    `state` is the ``(S (B, Hkv, F, M), z (B, Hkv, F))`` pair of linear attention with
+    ``return_state=True``. `raised` holds the (batch, head, query) rows of a
+    `ZeroDenominatorError` when the call raised one; `out` is then None.
     """
 
-    out: np.ndarray
+    out: np.ndarray | None
     lse: np.ndarray | None = None
     precision: np.dtype | None = None
+    state: tuple[np.ndarray, np.ndarray] | None = None
+    raised: tuple[tuple[int, int, int], ...] | None = None
+
+
+@dataclass(frozen=True)
+class Scales:
+    """Error sizes that, times the unit of the target's precision, give the tolerances.
+
+    `out` is a float or an array broadcastable to out (B, Hq, N, M); `lse` and `state`
+    are floats (None: not compared).
+    """
+
+    out: float | np.ndarray
+    lse: float | None = None
+    state: float | None = None
 
 
 @dataclass(frozen=True)
@@ -64,6 +88,9 @@ class KnownDifference:
 
 
 class Target(Protocol):
+    """What `check_case` needs of a target; `exact` (optional, default False) asks for
+    bit-identical agreement with the exact values of cases marked ``exact``."""
+
     name: str
     differences: tuple[KnownDifference, ...]
     notes: list[str]
@@ -73,7 +100,8 @@ class Target(Protocol):
 
 @dataclass
 class CaseResult:
-    """Outcome of one target on one case."""
+    """Outcome of one target on one case; `shrunk` is a `ShrinkResult` for a shrunk
+    mismatch (see `kernattn.verify.shrink`)."""
 
     case: Case
     status: str
@@ -82,6 +110,7 @@ class CaseResult:
     detail: str = ""
     differences: tuple[str, ...] = ()
     reference: Output | None = None
+    shrunk: Any = None
 
 
 @dataclass
@@ -144,40 +173,92 @@ def error_scales(case: Case) -> tuple[float, float]:
     return float(logit), value
 
 
-def compare(case: Case, got: Output, reference: Output) -> tuple[bool, float, float, str]:
+def softmax_scales(case: Case, reference: Output) -> Scales:
+    """Return the scales of a softmax case: ``(1 + L) V`` for out, ``1 + L + max|lse|``.
+
+    L and V are the logit and value sizes of `error_scales`.
+    """
+    logit, value = error_scales(case)
+    lse_size = 0.0
+    if reference.lse is not None:
+        lse_size = float(np.abs(reference.lse[np.isfinite(reference.lse)]).max(initial=0.0))
+    return Scales((1 + logit) * value, 1 + logit + lse_size)
+
+
+def compare(
+    case: Case, got: Output, reference: Output, scales: Scales | None = None
+) -> tuple[bool, float, float, str]:
     """Compare `got` with `reference`; return (passed, abs error, rel error, detail).
 
     Non-finite entries must match exactly (NaN where the reference is NaN, -inf lse rows
-    where it is -inf). Finite entries must agree within the tolerance for the dtype of
-    ``got.out``. The relative error is normwise: max |got - ref| / max |ref|.
+    where it is -inf). Finite entries must agree within ``unit * scales`` with the unit
+    of the precision of `got` (default scales: `softmax_scales`). A reference that
+    raised a `ZeroDenominatorError` is matched only by one naming the same rows. The
+    relative error is normwise: max |got - ref| / max |ref| (divided by 1 when the
+    reference is all zero).
     """
+    if reference.raised is not None or got.raised is not None:
+        return _compare_raised(got, reference)
     out = np.asarray(got.out)
     if out.shape != reference.out.shape:
         detail = f"out has shape {out.shape}; expected {reference.out.shape}"
         return False, np.inf, np.inf, detail
     precision = np.dtype(got.precision or out.dtype)
     unit = ERROR_UNIT.get(precision, ERROR_UNIT[np.dtype(np.float32)])
-    logit, value = error_scales(case)
-    tolerance = unit * (1 + logit) * value
+    if scales is None:
+        scales = softmax_scales(case, reference)
+    tolerance = unit * np.broadcast_to(scales.out, out.shape)
     passed, abs_error, detail = _compare_array("out", out, reference.out, tolerance)
     finite_ref = np.abs(reference.out[np.isfinite(reference.out)])
-    rel_error = abs_error / max(float(finite_ref.max(initial=0.0)), np.finfo(np.float64).tiny)
-    if got.lse is not None and reference.lse is not None:
+    ref_size = float(finite_ref.max(initial=0.0))
+    rel_error = abs_error / (ref_size if ref_size > 0 else 1.0)  # an all-zero reference: vs 1
+    if got.lse is not None and reference.lse is not None and scales.lse is not None:
         lse = np.asarray(got.lse, dtype=np.float64)
         if lse.shape != reference.lse.shape:
             return False, abs_error, rel_error, (
                 f"lse has shape {lse.shape}; expected {reference.lse.shape}"
             )
-        finite_lse = np.abs(reference.lse[np.isfinite(reference.lse)]).max(initial=0.0)
-        lse_tol = unit * (1 + logit + finite_lse)
-        lse_passed, _, lse_detail = _compare_array("lse", lse, reference.lse, lse_tol)
+        lse_passed, _, lse_detail = _compare_array("lse", lse, reference.lse, unit * scales.lse)
         if passed and not lse_passed:
             passed, detail = False, lse_detail
+    if reference.state is not None and scales.state is not None:
+        if got.state is None:
+            return False, abs_error, rel_error, "no state returned; expected (S, z)"
+        for name, got_part, ref_part in zip(("S", "z"), got.state, reference.state):
+            got_part = np.asarray(got_part)
+            if got_part.shape != ref_part.shape:
+                return False, abs_error, rel_error, (
+                    f"state {name} has shape {got_part.shape}; expected {ref_part.shape}"
+                )
+            part_passed, _, part_detail = _compare_array(
+                f"state {name}", got_part, ref_part, unit * scales.state
+            )
+            if passed and not part_passed:
+                passed, detail = False, part_detail
     return passed, abs_error, rel_error, detail
 
 
+def _compare_raised(got: Output, reference: Output) -> tuple[bool, float, float, str]:
+    if reference.raised is None:
+        rows = list(got.raised)[:5]
+        return False, np.inf, np.inf, f"raised ZeroDenominatorError for rows {rows}; expected values"
+    if got.raised is None:
+        rows = list(reference.raised)[:5]
+        return False, np.inf, np.inf, (
+            f"returned values; expected ZeroDenominatorError for rows {rows}"
+        )
+    if got.raised == ROWS_NOT_NAMED:  # a user's exception: only the fact is compared
+        return True, 0.0, 0.0, ""
+    if sorted(got.raised) != sorted(reference.raised):
+        return False, np.inf, np.inf, (
+            f"ZeroDenominatorError names rows {sorted(got.raised)[:5]}; expected "
+            f"{sorted(reference.raised)[:5]}"
+        )
+    return True, 0.0, 0.0, ""
+
+
 def _compare_array(
-    name: str, got: np.ndarray, ref: np.ndarray, tol: float
+    name: str, got: np.ndarray, ref: np.ndarray, tol: float | np.ndarray
 ) -> tuple[bool, float, str]:
     got = got.astype(np.float64)
     both_finite = np.isfinite(got) & np.isfinite(ref)
@@ -187,17 +268,19 @@ def _compare_array(
     with np.errstate(invalid="ignore"):  # inf - inf where both are non-finite
         error = np.where(both_finite, np.abs(got - ref), 0.0)
     abs_error = float(error.max(initial=0.0))
+    tol = np.broadcast_to(tol, error.shape)
     if bad_special.any():
         index = tuple(int(i) for i in np.argwhere(bad_special)[0])
         return False, abs_error, (
-            f"{name}{list(index)} is {got[index]!r}; expected {ref[index]!r} "
+            f"{name}{list(index)} is {float(got[index])!r}; expected {float(ref[index])!r} "
             f"({int(bad_special.sum())} non-finite entries differ)"
         )
-    if abs_error > tol:
-        index = tuple(int(i) for i in np.unravel_index(np.argmax(error), error.shape))
+    excess = error - tol
+    if (excess > 0).any():
+        index = tuple(int(i) for i in np.unravel_index(np.argmax(excess), error.shape))
         return False, abs_error, (
-            f"{name}{list(index)} is {got[index]!r}; expected {ref[index]!r} "
-            f"(error {abs_error:.3g} > tolerance {tol:.3g})"
+            f"{name}{list(index)} is {float(got[index])!r}; expected {float(ref[index])!r} "
+            f"(error {error[index]:.3g} > tolerance {tol[index]:.3g})"
         )
     return True, abs_error, ""
 
@@ -206,16 +289,25 @@ def references_for(case: Case, oracle: Output) -> list[Output]:
     """Return the oracle output and, for catalogue cases, the exact expected values."""
     references = [oracle]
     if case.expected_out is not None:
-        references.append(Output(case.expected_out, case.expected_lse))
+        references.append(Output(case.expected_out, case.expected_lse, state=case.expected_state))
+    elif case.expected_raised is not None:
+        references.append(Output(None, raised=case.expected_raised))
     return references
 
 
-def check_case(target: Target, case: Case, oracle: Output) -> CaseResult:
+ScalesFunction = Callable[[Case, Output], Scales]
+
+
+def check_case(
+    target: Target, case: Case, oracle: Output, scales: ScalesFunction | None = None
+) -> CaseResult:
     """Run `target` on `case` and compare with the oracle and any exact values.
 
-    When the plain comparison fails, each combination of the target's known
-    differences is tried, fewest first; the first that explains the result is named.
+    `scales(case, reference)` sets the tolerances (default: `softmax_scales`). When the
+    plain comparison fails, each combination of the target's known differences is
+    tried, fewest first; the first that explains the result is named.
     """
+    scales = scales or softmax_scales
     try:
         got = target(case)
     except UnsupportedCase as exc:
@@ -223,28 +315,41 @@ def check_case(target: Target, case: Case, oracle: Output) -> CaseResult:
     except Exception as exc:  # the target itself failed: report it as a mismatch
         detail = f"raised {type(exc).__name__}: {exc}"
         return CaseResult(case, MISMATCH, np.inf, np.inf, detail, reference=oracle)
-    passed, abs_error, rel_error, detail = _compare_all(case, got, references_for(case, oracle))
+    references = references_for(case, oracle)
+    exact = case.exact and getattr(target, "exact", False)
+    passed, abs_error, rel_error, detail = _compare_all(case, got, references, scales, exact)
     if passed:
         return CaseResult(case, AGREE, abs_error, rel_error)
     for size in range(1, len(target.differences) + 1):
         for combination in itertools.combinations(target.differences, size):
-            if _explained_by(target, case, oracle, combination, got):
+            if _explained_by(target, case, oracle, combination, got, scales):
                 names = tuple(difference.name for difference in combination)
                 return CaseResult(case, DIFFERENCE, abs_error, rel_error, detail, names)
     return CaseResult(case, MISMATCH, abs_error, rel_error, detail, reference=oracle)
 
 
-def _compare_all(case: Case, got: Output, references: list[Output]):
+def _compare_all(
+    case: Case, got: Output, references: list[Output], scales: ScalesFunction,
+    exact: bool = False,
+):
+    """Compare with every reference; with `exact`, out must equal the exact values."""
     worst = (True, 0.0, 0.0, "")
-    for reference in references:
-        passed, abs_error, rel_error, detail = compare(case, got, reference)
+    for index, reference in enumerate(references):
+        reference_scales = None
+        if reference.raised is None:
+            reference_scales = scales(case, reference)
+            if exact and index > 0:
+                reference_scales = replace(reference_scales, out=0.0)
+        passed, abs_error, rel_error, detail = compare(case, got, reference, reference_scales)
         if not passed:
             return passed, abs_error, rel_error, detail
         worst = (True, max(worst[1], abs_error), max(worst[2], rel_error), "")
     return worst
 
 
-def _explained_by(target: Target, case: Case, oracle: Output, combination, got: Output) -> bool:
+def _explained_by(
+    target: Target, case: Case, oracle: Output, combination, got: Output, scales
+) -> bool:
     references = references_for(case, oracle)
     adjusted_case = case
     for difference in combination:
@@ -256,15 +361,25 @@ def _explained_by(target: Target, case: Case, oracle: Output, combination, got: 
             got = target(adjusted_case)
         except Exception:  # an adjustment the peer cannot run explains nothing
             return False
-    return _compare_all(adjusted_case, got, references)[0]
+    return _compare_all(adjusted_case, got, references, scales)[0]
 
 
 def check_target(
-    variant: str, target: Target, cases: list[Case], oracle: dict[str, Output]
+    variant: str,
+    target: Target,
+    cases: list[Case],
+    oracle: dict[str, Output],
+    scales: ScalesFunction | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> TargetReport:
-    """Run one target over every case and return its report."""
+    """Run one target over every case and return its report.
+
+    `progress(done, total)` is called after each case when given.
+    """
     report = TargetReport(variant, target.name, differences=target.differences)
-    for case in cases:
-        report.results.append(check_case(target, case, oracle[case.name]))
+    for index, case in enumerate(cases):
+        report.results.append(check_case(target, case, oracle[case.name], scales))
+        if progress is not None:
+            progress(index + 1, len(cases))
     report.notes.extend(target.notes)
     return report

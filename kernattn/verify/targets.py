@@ -7,65 +7,94 @@ libraries live in `kernattn.verify.peers`.
 from __future__ import annotations
 
 import importlib
-from typing import Callable
+from dataclasses import replace
+from typing import Any, Callable
 
 import numpy as np
 
+from kernattn.similarity import ZeroDenominatorError
 from kernattn.verify.cases import Case
-from kernattn.verify.check import KnownDifference, Output, UnsupportedCase
+from kernattn.verify.check import ROWS_NOT_NAMED, KnownDifference, Output, UnsupportedCase
+
+
+Invoke = Callable[[Case, str], Output]
+Arguments = Callable[[Case, Callable], tuple[tuple, dict[str, Any]]]
 
 
 class BackendTarget:
-    """One backend of a kernattn attention function, fed inputs of one float dtype."""
+    """One backend of a kernattn attention function, fed inputs of one float dtype.
 
-    differences: tuple[KnownDifference, ...] = ()
-
-    def __init__(self, attention: Callable, backend: str, dtype=np.float64):
-        self.attention = attention
-        self.backend = backend
-        self.dtype = np.dtype(dtype)
-        self.name = f"{backend} ({self.dtype.name} input)"
-        self.notes: list[str] = []
-
-    def __call__(self, case: Case) -> Output:
-        case = case.with_float_dtype(self.dtype)
-        q, k, v = (case.arrays[key] for key in "qkv")
-        keywords = case.keywords()
-        out, lse = self.attention(q, k, v, **keywords, backend=self.backend, return_lse=True)
-        out = np.asarray(out)
-        # The narrower of the input and output dtypes sets the tolerance.
-        precision = min(self.dtype, out.dtype, key=lambda dtype: dtype.itemsize)
-        return Output(out, np.asarray(lse), precision)
-
-
-class FunctionTarget:
-    """A user's function ``f(q, k, v, **keywords)`` with softmax_attention's keywords.
-
-    Only the keywords a case uses are passed, and lse is not requested. A function that
-    raises NotImplementedError, or TypeError naming one of the passed keywords, marks
-    the case as not supported. Any other exception is a mismatch.
+    `invoke(case, backend)` runs the variant's public function and returns an `Output`
+    (see `kernattn.verify.Variant`). With ``dtype=None`` the case runs as stored, so
+    integer inputs reach the exact route of the loop oracle. A `ZeroDenominatorError`
+    becomes an output that names its rows.
     """
 
     differences: tuple[KnownDifference, ...] = ()
 
-    def __init__(self, function: Callable, name: str):
-        self.function = function
-        self.name = name
+    def __init__(self, invoke: Invoke, backend: str, dtype=np.float64, *, exact: bool = False):
+        self.invoke = invoke
+        self.backend = backend
+        self.dtype = None if dtype is None else np.dtype(dtype)
+        self.exact = exact
+        self.name = backend if self.dtype is None else f"{backend} ({self.dtype.name} input)"
         self.notes: list[str] = []
 
     def __call__(self, case: Case) -> Output:
-        keywords = case.keywords()
-        q, k, v = (case.arrays[key] for key in "qkv")
+        if self.dtype is not None:
+            case = case.with_float_dtype(self.dtype)
         try:
-            result = self.function(q, k, v, **keywords)
+            output = self.invoke(case, self.backend)
+        except ZeroDenominatorError as exc:
+            return Output(None, raised=tuple(exc.rows))
+        out = np.asarray(output.out)
+        # The narrower of the input and output dtypes sets the tolerance.
+        precision = out.dtype
+        if self.dtype is not None:
+            precision = min(self.dtype, out.dtype, key=lambda dtype: dtype.itemsize)
+        return replace(output, out=out, precision=precision)
+
+
+def softmax_arguments(case: Case, function: Callable) -> tuple[tuple, dict[str, Any]]:
+    """Return ``((q, k, v), keywords)`` for a user's softmax attention function."""
+    return tuple(case.arrays[key] for key in "qkv"), case.keywords()
+
+
+class FunctionTarget:
+    """A user's attention function, called with NumPy float64 (B, H, N, D) arrays.
+
+    `arguments(case, function)` returns the positional arguments and the keywords of
+    the call (default: `softmax_arguments`, q, k, v and softmax_attention's keywords
+    that the case uses). lse is not requested. A function that raises
+    NotImplementedError, or TypeError naming one of the passed keywords, marks the case
+    as not supported. A `ZeroDivisionError` (kernattn's `ZeroDenominatorError` is one)
+    counts as raising for a zero denominator; its rows are compared when it names them.
+    Any other exception is a mismatch.
+    """
+
+    differences: tuple[KnownDifference, ...] = ()
+
+    def __init__(self, function: Callable, name: str, arguments: Arguments | None = None):
+        self.function = function
+        self.name = name
+        self.arguments = arguments or softmax_arguments
+        self.notes: list[str] = []
+
+    def __call__(self, case: Case) -> Output:
+        args, keywords = self.arguments(case.with_float_dtype(np.float64), self.function)
+        try:
+            result = self.function(*args, **keywords)
         except NotImplementedError as exc:
             raise UnsupportedCase(f"{self.name} raised NotImplementedError: {exc}") from exc
         except TypeError as exc:
             if any(keyword in str(exc) for keyword in keywords):
                 raise UnsupportedCase(f"{self.name} raised TypeError: {exc}") from exc
             raise
+        except ZeroDivisionError as exc:
+            rows = getattr(exc, "rows", None)
+            return Output(None, raised=ROWS_NOT_NAMED if rows is None else tuple(rows))
         if isinstance(result, tuple):
-            result = result[0]  # (out, lse) from a function that returns both
+            result = result[0]  # (out, lse) or (out, state) from a function returning both
         return Output(np.asarray(result))
 
 
