@@ -74,16 +74,14 @@ def as_float_array(name: str, x, *, dtype=np.float64) -> np.ndarray:
     return arr.astype(dtype, copy=False)
 
 
-def as_bool_array(name: str, x) -> np.ndarray:
+def as_bool_array(name: str, x, meaning: str = "True = may attend") -> np.ndarray:
     """Return `x` as a bool array; float masks are rejected because they are biases."""
     arr = to_numpy(x)
     if arr.dtype.kind != "b":
-        hint = (
-            "; an additive float mask goes in `bias`"
-            if arr.dtype.kind in "fiu"
-            else ""
-        )
-        raise DTypeError(f"{name} has dtype {arr.dtype}; expected bool (True = may attend){hint}")
+        hint = ""
+        if name == "mask" and arr.dtype.kind in "fiu":
+            hint = "; an additive float mask goes in `bias`"
+        raise DTypeError(f"{name} has dtype {arr.dtype}; expected bool ({meaning}){hint}")
     return arr
 
 
@@ -183,7 +181,11 @@ def check_qkv(q, k, v, layout: str, precision: str = "float64"):
             f"k and v have batch size {bk}, but q has B = {b}; expected the same batch "
             f"size (or 1, broadcast)"
         )
-    if hkv == 0 or hq % hkv != 0:
+    if hq == 0 or hkv == 0:
+        raise ShapeError(
+            f"q has {hq} heads and k has {hkv}; expected at least one head in each"
+        )
+    if hq % hkv != 0:
         raise ShapeError(
             f"k has {hkv} heads, which does not divide the {hq} heads of q; "
             f"grouped-query attention needs Hq % Hkv == 0"
@@ -363,10 +365,12 @@ def resolve_structure(
             )
         if np.any(q_len != kv_len):
             option_text = "causal=True" if is_causal else f"window={window}"
+            row = int(np.flatnonzero(q_len != kv_len)[0])
             raise OptionError(
-                f"{option_text} depends on the alignment here, because the number of valid "
-                f"queries and keys differ (N = {n}, S = {s}, with any q_lengths or "
-                f"kv_lengths); pass alignment='top_left' or alignment='bottom_right'"
+                f"{option_text} depends on the alignment here, because batch row {row} "
+                f"has {int(q_len[row])} valid queries and {int(kv_len[row])} valid keys "
+                f"(N = {n}, S = {s}, after q_lengths and kv_lengths); pass "
+                f"alignment='top_left' or alignment='bottom_right'"
             )
         alignment = "top_left"
     return Structure(is_causal, alignment, window, q_len, kv_len)

@@ -9,9 +9,14 @@ from __future__ import annotations
 import numbers
 
 from kernattn import _validate as V
-from kernattn.softmax import BACKEND_PRECISION, prepare_softmax_inputs, softmax_backends
+from kernattn.softmax import (
+    BACKEND_PRECISION,
+    _any_device_array,
+    prepare_softmax_inputs,
+    softmax_backends,
+)
 
-DECODE_BACKENDS = ("numba", "numpy", "loops")
+DECODE_BACKENDS = ("numba", "numpy", "loops", "cuda")
 
 
 def decode_attention(
@@ -48,15 +53,17 @@ def decode_attention(
     softcap : float, optional
         Soft-capping ``s = softcap * tanh(s / softcap)``.
     num_splits : int, optional
-        Numba backend only: number of key splits P computed in parallel and merged.
-        Default ``ceil(max(kv_lengths) / 1024)``, which depends on the shapes only, so
-        results are the same for any number of threads.
+        Numba and CUDA backends only: number of key splits P computed in parallel and
+        merged. Default ``ceil(max(kv_lengths) / 1024)`` (CUDA: ``/ 512``), which
+        depends on the shapes only, so results are the same for any number of threads.
     layout : {"bhnd", "bnhd"}, default "bhnd"
     return_lse : bool, default False
         Also return the natural-log log-sum-exp, shape (B, Hq, T).
-    backend : {"numba", "numpy", "loops"}, default "numba"
+    backend : {"numba", "numpy", "loops", "cuda"}, default "numba"
         ``"numba"`` computes in the input precision (float32 stays float32; float16 and
         bfloat16 compute in float32); ``"numpy"`` and ``"loops"`` (the oracle) in float64.
+        ``"cuda"`` is the Numba CUDA split-KV kernel, in the input precision; device
+        arrays are read in place and give Numba device arrays back.
 
     Returns
     -------
@@ -104,6 +111,13 @@ def decode_attention(
             "kv_lengths is None; expected one valid length per batch row (the cache "
             "positions in use, new tokens included)"
         )
+    if backend == "cuda" and _any_device_array(q, k_cache, v_cache):
+        from kernattn.cuda.decode import decode_attention_device
+
+        return decode_attention_device(
+            q, k_cache, v_cache, kv_lengths=kv_lengths, scale=scale, softcap=softcap,
+            num_splits=num_splits, layout=layout, return_lse=return_lse,
+        )
     args = prepare_softmax_inputs(
         q, k_cache, v_cache, scale=scale, mask=None, bias=None, causal="bottom_right",
         alignment=None, window=None, softcap=softcap, kv_lengths=kv_lengths,
@@ -111,10 +125,13 @@ def decode_attention(
         precision=BACKEND_PRECISION.get(backend, "float64"),
     )
     ndim = args.pop("ndim")
-    if backend == "numba":
-        from kernattn._numba.decode import decode_attention as decode_numba
+    if backend in ("numba", "cuda"):
+        if backend == "numba":
+            from kernattn._numba.decode import decode_attention as decode_split
+        else:
+            from kernattn.cuda.decode import decode_attention as decode_split
 
-        out, lse = decode_numba(
+        out, lse = decode_split(
             args["q"], args["k"], args["v"], scale=args["scale"], softcap=args["softcap"],
             structure=args["structure"], num_splits=num_splits,
         )

@@ -344,6 +344,10 @@ class _RandomMap(FeatureMap):
         pass
 
     def _projection(self, d: int) -> np.ndarray:
+        if d < 1:
+            raise V.ShapeError(
+                f"{self!r} got inputs of dimension D = {d}; a random map needs D >= 1"
+            )
         if self.projection_ is None:
             self.fit(d)
         if self.projection_.shape[1] != d:
@@ -511,7 +515,13 @@ class FunctionFeatureMap(FeatureMap):
         return f"from_function({getattr(self.fn, '__name__', repr(self.fn))})"
 
     def _features(self, x):
-        return np.asarray(self.fn(x), dtype=np.float64)
+        features = np.asarray(self.fn(x))
+        if features.dtype.kind not in "fiu":
+            raise V.DTypeError(
+                f"feature map {self!r} returned dtype {features.dtype}; expected real "
+                f"floating features"
+            )
+        return features.astype(np.float64, copy=False)
 
     def num_features(self, d):
         with np.errstate(all="ignore"):  # only the shape of fn(zeros) is read

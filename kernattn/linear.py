@@ -27,7 +27,7 @@ DEFAULT_CHUNK_SIZE = 64
 
 # Backends that compute in the input precision (float32 for float32, float16 and bfloat16
 # inputs); the others compute in float64.
-BACKEND_PRECISION = {"numba": "input"}
+BACKEND_PRECISION = {"numba": "input", "cuda": "input"}
 
 
 def linear_attention(
@@ -88,11 +88,14 @@ def linear_attention(
     return_state : bool, default False
         Also return ``(S, z)`` after the last valid key, to resume from.
     layout : {"bhnd", "bnhd"}, default "bhnd"
-    backend : {"numpy", "loops", "numba"}, default "numpy"
+    backend : {"numpy", "loops", "numba", "cuda"}, default "numpy"
         ``"numba"`` runs every form as the chunked kernel of `kernattn._numba.linear`,
         in parallel over (batch row, query head), in the input precision: float32 when
         q, k and v are float32, float16 or bfloat16 (features are computed in float64 and
-        rounded once), float64 otherwise. The other backends compute in float64.
+        rounded once), float64 otherwise. ``"cuda"`` runs the Numba CUDA kernels of
+        `kernattn.cuda.linear` in the same precision; the feature map and the
+        zero-denominator policy run on the host, so inputs and output are NumPy arrays.
+        The other backends compute in float64.
 
     Returns
     -------
@@ -196,7 +199,15 @@ def linear_backends() -> dict:
         "numpy": _linear_attention_numpy,
         "loops": loops_linear.linear_attention,
         "numba": _linear_attention_numba,
+        "cuda": _linear_attention_cuda,
     }
+
+
+def _linear_attention_cuda(q, k, v, **options):
+    """Numba CUDA twin, imported on first use; raises when no GPU (or simulator) is there."""
+    from kernattn.cuda.linear import linear_attention as cuda_linear_attention
+
+    return cuda_linear_attention(q, k, v, **options)
 
 
 def _linear_attention_numba(q, k, v, **options):
@@ -216,10 +227,17 @@ def evaluate_feature_map(fmap: FeatureMap, x: np.ndarray, name: str) -> np.ndarr
     d = x.shape[-1]
     try:
         expected_f = int(fmap.num_features(d))
+    except (V.DTypeError, V.ShapeError):
+        raise
     except Exception as err:  # a user's map that cannot run on zeros is reported here
         raise FeatureMapError(f"feature map {fmap!r} failed on input of dimension D = {d}: {err!r}") from err
     with np.errstate(over="ignore", invalid="ignore"):  # non-finite output is checked below
         phi = np.asarray(fmap(x))
+    if phi.dtype.kind not in "fiu":
+        raise V.DTypeError(
+            f"feature map {fmap!r} returned dtype {phi.dtype} for {name}; expected real "
+            f"floating features"
+        )
     if phi.dtype != x.dtype:
         phi = phi.astype(x.dtype)
     if phi.shape != x.shape[:-1] + (expected_f,):

@@ -86,11 +86,14 @@ def softmax_attention(
     return_lse : bool, default False
         Also return the natural-log log-sum-exp of the final scores over the allowed
         keys.
-    backend : {"numpy", "loops", "numba"}, default "numpy"
+    backend : {"numpy", "loops", "numba", "cuda"}, default "numpy"
         ``"loops"`` is the explicit-loop oracle (float64, ``math.fsum``), for inputs of
         a few dozen positions. ``"numpy"`` computes in float64. ``"numba"`` is the tiled
         parallel kernel (compiled on first use); it computes in the input precision:
         float32 when q, k and v are float32, float16 or bfloat16, else float64.
+        ``"cuda"`` is the Numba CUDA kernel, in the input precision as ``"numba"``;
+        device arrays (``__cuda_array_interface__``) are read in place and give a
+        Numba device array back (see `kernattn.cuda`).
 
     Returns
     -------
@@ -148,6 +151,16 @@ def softmax_attention(
     >>> softmax_attention(q, k, v, causal="bottom_right").ravel()
     array([1. , 1.5])
     """
+    if backend == "cuda" and _any_device_array(q, k, v):
+        # Device arrays are checked through host stand-ins and never copied to the host.
+        from kernattn.cuda.softmax import softmax_attention_device
+
+        return softmax_attention_device(
+            q, k, v, scale=scale, mask=mask, bias=bias, causal=causal, alignment=alignment,
+            window=window, softcap=softcap, kv_lengths=kv_lengths, q_lengths=q_lengths,
+            dropout_mask=dropout_mask, dropout_p=dropout_p, layout=layout,
+            return_lse=return_lse,
+        )
     args = prepare_softmax_inputs(
         q, k, v, scale=scale, mask=mask, bias=bias, causal=causal, alignment=alignment,
         window=window, softcap=softcap, kv_lengths=kv_lengths, q_lengths=q_lengths,
@@ -185,7 +198,7 @@ def prepare_softmax_inputs(
         bias = V.broadcast_bhns("bias", V.as_float_array("bias", bias, dtype=dtype), full)
     if dropout_mask is not None:
         dropout_mask = V.broadcast_bhns(
-            "dropout_mask", V.as_bool_array("dropout_mask", dropout_mask), full
+            "dropout_mask", V.as_bool_array("dropout_mask", dropout_mask, "True = keep"), full
         )
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float, np.floating)):
         raise V.OptionError(f"dropout_p is {dropout_p!r}; expected a float in [0, 1)")
@@ -207,7 +220,7 @@ def prepare_softmax_inputs(
 
 # Backends that compute in the input precision (float32 stays float32); the others get
 # float64 arrays.
-BACKEND_PRECISION = {"numba": "input"}
+BACKEND_PRECISION = {"numba": "input", "cuda": "input"}
 
 
 def softmax_backends() -> dict:
@@ -218,6 +231,7 @@ def softmax_backends() -> dict:
         "numpy": _softmax_attention_numpy,
         "loops": loops_softmax.softmax_attention,
         "numba": _softmax_attention_numba,
+        "cuda": _softmax_attention_cuda,
     }
     return backends
 
@@ -225,6 +239,19 @@ def softmax_backends() -> dict:
 def _softmax_attention_numba(**kwargs):
     """Numba twin, imported (and compiled) on first use so `import kernattn` stays light."""
     from kernattn._numba.softmax import softmax_attention
+
+    return softmax_attention(**kwargs)
+
+
+def _any_device_array(*arrays) -> bool:
+    from kernattn.cuda import is_device_array
+
+    return any(is_device_array(x) for x in arrays)
+
+
+def _softmax_attention_cuda(**kwargs):
+    """Numba CUDA twin, imported on first use; raises when no GPU (or simulator) is there."""
+    from kernattn.cuda.softmax import softmax_attention
 
     return softmax_attention(**kwargs)
 
@@ -350,13 +377,16 @@ def merge_attention_states(outs: Sequence, lses: Sequence, *, layout: str = "bhn
                 f"to match outs[{p}] of shape {o.shape} in layout {layout!r}"
             )
     lse_parts = np.stack(lses)
-    total = np.logaddexp.reduce(lse_parts, axis=0)
+    with np.errstate(invalid="ignore"):  # a NaN lse gives NaN, as it should
+        total = np.logaddexp.reduce(lse_parts, axis=0)
     out = np.zeros(outs[0].shape)
     for o, x in zip(outs, lses):
         with np.errstate(invalid="ignore"):  # -inf - -inf for parts of an empty row
-            weight = np.where(np.isneginf(x), 0.0, np.exp(x - total))
-        weight = _lse_to_out(weight, layout)
-        out += np.where(weight > 0, weight * o, 0.0)
+            weight = np.exp(x - total)
+        # An empty part (lse = -inf) is left out, so its output is never read. A NaN or
+        # +inf lse gives a NaN weight, which reaches the output as NaN.
+        empty = _lse_to_out(np.isneginf(x), layout)
+        out += np.where(empty, 0.0, _lse_to_out(weight, layout) * o)
     return out, total
 
 

@@ -256,3 +256,8 @@ def test_from_function_defaults():
 def test_feature_map_bad_options(make, message):
     with pytest.raises(OptionError, match=re.escape(message)):
         make()
+
+
+def test_random_map_rejects_zero_dimension():
+    with pytest.raises(ShapeError, match="got inputs of dimension D = 0; a random map needs D >= 1"):
+        fm.PositiveRandomFeatures(3, random_state=0)(np.ones((2, 0)))

@@ -330,3 +330,9 @@ def test_bad_dtype_named(dtype):
 def test_feature_map_not_callable():
     with pytest.raises(OptionError, match=re.escape("feature_map is str 'elu'")):
         linear_attention(*ONES, "elu")
+
+
+def test_complex_feature_map_rejected():
+    x = np.ones((3, 2))
+    with pytest.raises(DTypeError, match="returned dtype complex128; expected real floating features"):
+        linear_attention(x, x, x, lambda features: features + 0j)

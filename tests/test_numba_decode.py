@@ -156,8 +156,8 @@ def test_decode_bnhd_layout():
         (dict(kv_lengths=[4], num_splits=0),
          "num_splits is 0; expected a positive integer or None"),
         (dict(kv_lengths=None), "kv_lengths is None; expected one valid length"),
-        (dict(kv_lengths=[4], backend="cuda"),
-         "backend is 'cuda'; expected one of 'numba', 'numpy', 'loops'"),
+        (dict(kv_lengths=[4], backend="tpu"),
+         "backend is 'tpu'; expected one of 'numba', 'numpy', 'loops', 'cuda'"),
         (dict(kv_lengths=[7]), "kv_lengths[0] is 7; expected a length between 0 and S = 6"),
     ],
 )

@@ -324,3 +324,14 @@ def test_numba_linear_long_sequence_memory(causal):
         weights = phi_k[:seen] @ phi_q[i]
         expected = weights @ v[0, 0, :seen] / weights.sum()
         np.testing.assert_allclose(out[0, 0, i], expected, rtol=1e-9)
+
+
+def test_numba_chunk_larger_than_sequence():
+    """A chunk_size far above N runs as one chunk instead of allocating (C, C) scratch."""
+    rng = np.random.default_rng(7)
+    q, k, v = rng.standard_normal((3, 2)), rng.standard_normal((5, 2)), rng.standard_normal((5, 2))
+    for causal in (False, "bottom_right"):
+        out = linear_attention(q, k, v, fm.EluPlusOne(), causal=causal, form="chunked",
+                               chunk_size=10**12, backend="numba")
+        reference = linear_attention(q, k, v, fm.EluPlusOne(), causal=causal, backend="loops")
+        np.testing.assert_allclose(out, reference, rtol=1e-12, atol=1e-14)

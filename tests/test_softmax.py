@@ -561,3 +561,30 @@ def test_merge_rejects_mismatched_parts():
         kernattn.merge_attention_states([np.zeros((2, 4))], [np.zeros(3)])
     with pytest.raises(ShapeError, match=re.escape("outs has 2 parts but lses has 1")):
         kernattn.merge_attention_states([np.zeros((2, 4))] * 2, [np.zeros(2)])
+
+
+def test_merge_propagates_nan_and_inf_lse():
+    parts = [np.ones((2, 3)), np.ones((2, 3))]
+    for bad in (np.nan, np.inf):
+        out, lse = kernattn.merge_attention_states(parts, [np.array([bad, 0.0]), np.zeros(2)])
+        assert np.isnan(out[0]).all()
+        np.testing.assert_array_equal(out[1], [1.0, 1.0, 1.0])
+        assert not np.isfinite(lse[0])
+
+
+def test_zero_heads_rejected():
+    empty = np.zeros((1, 0, 4, 1))
+    with pytest.raises(ShapeError, match=re.escape("q has 0 heads and k has 0; expected at least one")):
+        softmax_attention(empty, empty, empty)
+
+
+def test_float_dropout_mask_message():
+    q = np.zeros((4, 1))
+    with pytest.raises(DTypeError, match=re.escape("dropout_mask has dtype float64; expected bool (True = keep)")):
+        softmax_attention(q, q, q, dropout_mask=np.ones((4, 4)))
+
+
+def test_alignment_error_names_differing_lengths():
+    q = np.zeros((4, 1))
+    with pytest.raises(OptionError, match="batch row 0 has 4 valid queries and 2 valid keys"):
+        softmax_attention(q, q, q, causal=True, kv_lengths=[2])

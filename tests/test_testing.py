@@ -200,3 +200,14 @@ def test_checker_reports_wrong_shape():
     report = check_feature_map(lambda x: np.ones(3), random_state=0)
     assert not report.passed
     assert "expected (2, 3, F)" in report.checks[0].detail
+
+
+def test_assert_integer_actual_uses_float64_rule():
+    assert_attention_close(np.array([1, 2]), np.array([1.0, 2.0]))
+    with pytest.raises(AssertionError, match=re.escape("(float64)")):
+        assert_attention_close(np.array([1, 3]), np.array([1.0, 2.0]))
+
+
+def test_assert_rejects_negative_tolerance():
+    with pytest.raises(ValueError, match="rtol is -1.0; expected a non-negative number"):
+        assert_attention_close(np.ones(2), np.ones(2), rtol=-1)

@@ -85,6 +85,9 @@ def linear_attention(
         counts[bi] = key_counts(structure, bi, n)
     kv_lengths = np.array(structure.kv_lengths, dtype=np.int64)
     chunk = int(chunk_size) if form == "chunked" else CHUNK
+    # A chunk never needs more rows than there are queries; the cap keeps the (C, C)
+    # scratch block bounded whatever chunk_size the caller passes.
+    chunk = max(1, min(chunk, n))
     # 2. Numerators (written where the output goes), denominators and the cancellation
     #    reference sum_f |φ_f(q_i)| (sum_{j < c_i} |φ_f(k_j)| + |z0_f|), per query row.
     num = np.zeros((b, hq, n, m), dtype=dtype)

@@ -96,7 +96,10 @@ def assert_attention_close(
     ...
     AssertionError: attention results differ: 1 of 2 elements outside tolerance ...
     """
-    dtype = dtype or _dtype_name(actual) or "float64"
+    if dtype is None:
+        # Integer results and unknown dtypes are judged by the strictest rule.
+        dtype = _dtype_name(actual)
+        dtype = dtype if dtype in DEFAULT_TOLERANCES else "float64"
     if dtype not in DEFAULT_TOLERANCES:
         raise OptionError(
             f"dtype is {dtype!r}; expected one of {', '.join(DEFAULT_TOLERANCES)}"
@@ -104,6 +107,9 @@ def assert_attention_close(
     default_rtol, default_atol = DEFAULT_TOLERANCES[dtype]
     rtol = default_rtol if rtol is None else float(rtol)
     atol = default_atol if atol is None else float(atol)
+    for name, value in (("rtol", rtol), ("atol", atol), ("factor", float(factor))):
+        if not value >= 0:
+            raise OptionError(f"{name} is {value}; expected a non-negative number")
     got = _as_float64("actual", actual)
     want = _as_float64("desired", desired)
     if got.shape != want.shape:
