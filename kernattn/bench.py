@@ -282,7 +282,7 @@ def decode_suite(full: bool, repeats: int, reference: dict) -> dict:
             lengths = np.full(DECODE_BATCH, length)
             cache_bytes = k.nbytes + v.nbytes
             runs = {
-                "numba": lambda: decode_attention(q, k, v, kv_lengths=lengths),
+                "numba": lambda: decode_attention(q, k, v, kv_lengths=lengths, backend="numba"),
                 "numpy": lambda: numpy_decode(q, k, v),
             }
             if torch is not None:
@@ -482,7 +482,7 @@ numba_imported = time.perf_counter()
 q = np.ones((1, 1, 8, 4), dtype=np.float32)
 kernattn.softmax_attention(q, q, q, backend="numba")
 softmax_done = time.perf_counter()
-kernattn.decode_attention(q, q, q, kv_lengths=[8])
+kernattn.decode_attention(q, q, q, kv_lengths=[8], backend="numba")
 decode_done = time.perf_counter()
 print(json.dumps({
     "import_kernattn_s": imported - start,

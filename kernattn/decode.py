@@ -16,7 +16,7 @@ from kernattn.softmax import (
     softmax_backends,
 )
 
-DECODE_BACKENDS = ("numba", "numpy", "loops", "cuda")
+DECODE_BACKENDS = ("numpy", "loops", "numba", "cuda")
 
 
 def decode_attention(
@@ -30,7 +30,7 @@ def decode_attention(
     num_splits: int | None = None,
     layout: str = "bhnd",
     return_lse: bool = False,
-    backend: str = "numba",
+    backend: str = "numpy",
 ):
     r"""Attend T new tokens to a key/value cache that already contains them.
 
@@ -59,7 +59,7 @@ def decode_attention(
     layout : {"bhnd", "bnhd"}, default "bhnd"
     return_lse : bool, default False
         Also return the natural-log log-sum-exp, shape (B, Hq, T).
-    backend : {"numba", "numpy", "loops", "cuda"}, default "numba"
+    backend : {"numpy", "loops", "numba", "cuda"}, default "numpy"
         ``"numba"`` computes in the input precision (float32 stays float32; float16 and
         bfloat16 compute in float32); ``"numpy"`` and ``"loops"`` (the oracle) in float64.
         ``"cuda"`` is the Numba CUDA split-KV kernel, in the input precision; device
