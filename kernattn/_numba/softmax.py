@@ -22,11 +22,14 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
+from kernattn import _tiles
 from kernattn._numba import BLOCK_K, BLOCK_Q, jit, single_threaded_blas
 from kernattn._numba._exp import fast_exp
+from kernattn._tiles import UNBOUNDED
 
-# Window sides that are unbounded (None) travel to the kernels as this value.
-UNBOUNDED = -1
+# Scalar steps shared with the CUDA kernels: one source, compiled for each target.
+row_interval = jit()(_tiles.row_interval)
+soft_cap = jit()(_tiles.soft_cap)
 
 
 def softmax_attention(
@@ -193,7 +196,7 @@ def update_tile(
     if softcap > 0:
         for jj in range(nj):
             for i in range(r):
-                s[jj, i] = softcap * np.tanh(s[jj, i] / softcap)
+                s[jj, i] = soft_cap(s[jj, i], softcap)
     if has_bias:
         for jj in range(nj):
             j = j0 + jj
@@ -252,22 +255,6 @@ def update_tile(
         a = alpha[i]
         for c in range(m):
             acc[i, c] = acc[i, c] * a + o[i, c]
-
-
-@jit()
-def row_interval(i, off, s_b, causal, left, right):
-    """Return the keys [lo, hi) that query i may see: window and causal rule, j < s_b.
-
-    Query i sits at key position ``i + off``; the interval is empty when ``hi <= lo``.
-    """
-    lo, hi = 0, s_b
-    if left != UNBOUNDED:
-        lo = max(lo, i + off - left)
-    if causal:
-        hi = min(hi, i + off + 1)
-    if right != UNBOUNDED:
-        hi = min(hi, i + off + right + 1)
-    return lo, hi
 
 
 @jit()
