@@ -6,6 +6,7 @@
     kernattn verify MODULE:FUNCTION           a user's function against the loop oracle
     kernattn check-feature-map MODULE:OBJECT  report on a user's feature map
     kernattn bench [...]                      benchmarks (kernattn.bench.run_bench)
+    kernattn --version                        the installed version
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ import math
 import os
 import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence, TextIO
 
 import numpy as np
 
+import kernattn
 from kernattn import verify
 from kernattn.verify.names import FEATURE_MAP_NAMES, is_feature_map_name
 from kernattn.verify.shrink import describe
@@ -29,15 +32,24 @@ EXIT_OK = 0
 EXIT_MISMATCH = 1
 EXIT_USAGE = 2  # also argparse's code for a bad command line
 EXIT_PEER_MISSING = 3
+EXIT_BACKEND_IMPORT = 4
 
 EXIT_CODES_HELP = f"""\
 exit codes:
   {EXIT_OK}  every case agrees, or differs only by a documented convention, or is not
      supported by the target
   {EXIT_MISMATCH}  at least one mismatch (a real disagreement with the oracle)
-  {EXIT_USAGE}  invalid command line, unknown variant, or MODULE:FUNCTION not importable
+  {EXIT_USAGE}  invalid command line, unknown variant, MODULE:FUNCTION not importable, or a
+     --replay FILE that is missing, is not a saved case, or conflicts with --variant
   {EXIT_PEER_MISSING}  the peer library (jax or torch) is not installed
+  {EXIT_BACKEND_IMPORT}  a kernattn backend (or the loop oracle) failed to import, so kernattn's
+     installation is broken; reinstall it. Takes precedence over {EXIT_MISMATCH}.
 """
+
+REINSTALL_HINT = (
+    "reinstall kernattn (pip install --force-reinstall kernattn, or pip install -e . in "
+    "a source checkout), and remove any stale copy of kernattn that Python finds first"
+)
 
 FEATURE_MAP_HELP = "feature-map names: " + ", ".join(FEATURE_MAP_NAMES)
 
@@ -68,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kernattn", description="Reference attention: check fast kernels against it."
     )
+    parser.add_argument(
+        "--version", action="version", version=f"kernattn {kernattn.__version__}"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     check = commands.add_parser(
         "verify",
@@ -82,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         choices=sorted(verify.VARIANTS),
         help="attention family to check (default: every variant without a TARGET, "
-        "softmax with one)",
+        "softmax with one, the saved one with --replay)",
     )
     check.add_argument(
         "--feature-map",
@@ -115,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         action="append",
         metavar="FILE",
-        help="check only the case saved in FILE by --save-failures (repeatable)",
+        help="check only the case saved in FILE by --save-failures (repeatable); the "
+        "variant is the one stored in FILE",
     )
     check.add_argument(
         "--no-shrink", action="store_true", help="report mismatches without shrinking them"
@@ -292,48 +308,114 @@ class ProgressLine:
             self.stream.flush()
 
 
+class UsageError(Exception):
+    """A mistake on the command line, reported in one line with exit code 2."""
+
+
 def _variant_names(args: argparse.Namespace) -> list[str]:
-    """Return the variants to run: the one named, else all without a target or replay."""
+    """Return the variants to run: the one named, else all without a target."""
     if args.variant is not None:
         return [args.variant]
     if args.feature_map is not None:
         return ["linear"]
-    if args.target is not None or args.replay:
+    if args.target is not None:
         return ["softmax"]
     return list(verify.VARIANTS)
 
 
-def _run_verify(args: argparse.Namespace) -> int:
-    names = _variant_names(args)
-    if args.feature_map is not None and names != ["linear"]:
-        print("kernattn verify: --feature-map applies only to --variant linear", file=sys.stderr)
-        return EXIT_USAGE
+def _replay_cases(args: argparse.Namespace) -> dict[str, list[verify.Case]]:
+    """Return the cases saved in the --replay files, grouped by their stored variant.
+
+    Raises
+    ------
+    UsageError
+        A file cannot be read as a saved case, or its variant conflicts with
+        --variant or --feature-map.
+    """
+    grouped: dict[str, list[verify.Case]] = {}
+    names: set[str] = set()
+    for path in args.replay:
+        try:
+            variant, case = verify.load_replay(path)
+        except verify.CaseFileError as exc:
+            raise UsageError(str(exc)) from exc
+        if args.variant is not None and variant.name != args.variant:
+            raise UsageError(
+                f"--variant {args.variant} conflicts with {path}, which contains a "
+                f"{variant.name} case; drop --variant or pass --variant {variant.name}"
+            )
+        if args.feature_map is not None and variant.name != "linear":
+            raise UsageError(
+                f"--feature-map applies only to linear cases, and {path} contains a "
+                f"{variant.name} case"
+            )
+        if case.name in names:  # the oracle's outputs are stored by case name
+            case = replace(case, name=f"{case.name} ({path})")
+        names.add(case.name)
+        grouped.setdefault(variant.name, []).append(case)
+    return {name: grouped[name] for name in verify.VARIANTS if name in grouped}
+
+
+def _generated_cases(variant: verify.Variant, args: argparse.Namespace) -> list[verify.Case]:
+    """Return the edge cases and the seeded random cases of a run without --replay."""
+    if args.feature_map is None:
+        return verify.build_cases(variant, args.seed, args.cases)
+    count = variant.default_case_count if args.cases is None else args.cases
+    cases = verify.linear_cases.edge_cases(args.feature_map)
+    return cases + verify.linear_cases.random_cases(args.seed, count, args.feature_map)
+
+
+def _verify_plans(args: argparse.Namespace) -> list[tuple[verify.Variant, list, list]]:
+    """Return (variant, targets, cases) for each variant to run.
+
+    Raises
+    ------
+    UsageError
+        An invalid combination of options, a target or feature map that cannot be
+        loaded, or a --replay file that cannot be used.
+    PeerNotInstalled
+        The peer library named as target is missing.
+    """
+    if args.replay:
+        grouped: dict[str, list | None] = dict(_replay_cases(args))
+    else:
+        grouped = {name: None for name in _variant_names(args)}
+    if args.feature_map is not None and list(grouped) != ["linear"]:
+        raise UsageError("--feature-map applies only to --variant linear")
     plans = []
-    for name in names:
+    for name, cases in grouped.items():
         variant = verify.VARIANTS[name]
         try:
             targets = _targets(variant, args.target, args.feature_map)
             if args.feature_map is not None:
                 verify.feature_map_from_name(args.feature_map)
-        except verify.PeerNotInstalled as exc:
-            print(f"kernattn verify: {exc}", file=sys.stderr)
-            return EXIT_PEER_MISSING
+        except (verify.PeerNotInstalled, verify.BackendImportError):
+            raise
         except (ValueError, ImportError) as exc:
-            print(f"kernattn verify: {exc}", file=sys.stderr)
-            return EXIT_USAGE
-        if args.replay:
-            cases = [verify.load_case(path) for path in args.replay]
-        else:
-            cases = verify.build_cases(variant, args.seed, args.cases)
-            if args.feature_map is not None:
-                count = variant.default_case_count if args.cases is None else args.cases
-                cases = verify.linear_cases.edge_cases(args.feature_map)
-                cases += verify.linear_cases.random_cases(args.seed, count, args.feature_map)
+            raise UsageError(str(exc)) from exc
+        if cases is None:
+            cases = _generated_cases(variant, args)
         plans.append((variant, targets, cases))
+    return plans
+
+
+def _run_verify(args: argparse.Namespace) -> int:
+    try:
+        plans = _verify_plans(args)
+    except verify.PeerNotInstalled as exc:
+        print(f"kernattn verify: {exc}", file=sys.stderr)
+        return EXIT_PEER_MISSING
+    except UsageError as exc:
+        print(f"kernattn verify: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except verify.BackendImportError as exc:
+        print(f"kernattn verify: {exc}; {REINSTALL_HINT}", file=sys.stderr)
+        return EXIT_BACKEND_IMPORT
     progress = ProgressLine(sys.stderr, args.progress)
     reports = []
     for variant, targets, cases in plans:
-        print(f"kernattn verify: variant {variant.name}, {len(cases)} cases (seed {args.seed})")
+        source = "replayed" if args.replay else f"seed {args.seed}"
+        print(f"kernattn verify: variant {variant.name}, {_count(len(cases), 'case')} ({source})")
         reports += verify.run_verify(
             variant, targets, cases, shrink=not args.no_shrink, progress=progress
         )
@@ -350,11 +432,34 @@ def _run_verify(args: argparse.Namespace) -> int:
         print()
         _save_failures(reports, args)
     print()
+    return _print_verdict(reports, mismatches)
+
+
+def _print_verdict(reports: list[verify.TargetReport], mismatches: int) -> int:
+    """Print the last lines of a verify run and return its exit code."""
+    broken = sum(report.import_failed for report in reports)
+    not_run = sum(report.not_run is not None for report in reports) - broken
+    if broken:
+        location = Path(kernattn.__file__).parent
+        print(
+            f"ERROR: {_count(broken, 'target')} could not run because a kernattn backend "
+            f"failed to import (kernattn imported from {location})"
+        )
+        print(f"  {REINSTALL_HINT}")
     if mismatches:
-        print(f"FAIL: {mismatches} mismatches")
-        return EXIT_MISMATCH
-    print("OK: no mismatches")
-    return EXIT_OK
+        print(f"FAIL: {_count(mismatches, 'mismatch', 'mismatches')}")
+    elif not broken:
+        skipped = f" ({_count(not_run, 'target')} not run, see above)" if not_run else ""
+        print(f"OK: no mismatches{skipped}")
+    if broken:
+        return EXIT_BACKEND_IMPORT
+    return EXIT_MISMATCH if mismatches else EXIT_OK
+
+
+def _count(count: int, singular: str, plural: str | None = None) -> str:
+    """Return '1 case', '2 cases' and so on; `plural` defaults to `singular` + 's'."""
+    word = singular if count == 1 else (plural or singular + "s")
+    return f"{count} {word}"
 
 
 def _targets(variant: verify.Variant, target: str | None, feature_map: str | None) -> list:
@@ -393,6 +498,7 @@ def format_table(reports: list[verify.TargetReport]) -> str:
     """Return the summary table: one row per target."""
     rows = [COLUMNS]
     for report in reports:
+        measured = report.count(verify.AGREE) > 0
         rows.append((
             report.variant,
             report.target,
@@ -401,8 +507,8 @@ def format_table(reports: list[verify.TargetReport]) -> str:
             str(report.count(verify.DIFFERENCE)),
             str(report.count(verify.UNSUPPORTED)),
             str(report.count(verify.MISMATCH)),
-            _format_error(report.max_abs_error),
-            _format_error(report.max_rel_error),
+            _format_error(report.max_abs_error) if measured else "-",
+            _format_error(report.max_rel_error) if measured else "-",
             report.verdict,
         ))
     widths = [max(len(row[column]) for row in rows) for column in range(len(COLUMNS))]
@@ -420,12 +526,18 @@ def _format_error(value: float) -> str:
 def format_details(report: verify.TargetReport, *, verbose: bool = False) -> str:
     """Return the notes, known differences, unsupported cases and mismatches of a target."""
     lines = []
+    if report.not_run is not None:
+        label = "error" if report.import_failed else "not run"
+        checked = "no case was checked"
+        if report.results:
+            checked = f"stopped after {_count(len(report.results), 'case')}"
+        lines.append(f"  {label}: {report.not_run} ({checked})")
     for note in report.notes:
         lines.append(f"  note: {note}")
     for difference in report.differences:
         names = [r.case.name for r in report.results if difference.name in r.differences]
         if names:
-            lines.append(f"  known difference: {difference.name} ({len(names)} cases)")
+            lines.append(f"  known difference: {difference.name} ({_count(len(names), 'case')})")
             lines.append(f"    {difference.description}")
             lines.append(f"    cases: {', '.join(names)}")
     reasons: dict[str, int] = {}
@@ -433,7 +545,7 @@ def format_details(report: verify.TargetReport, *, verbose: bool = False) -> str
         if result.status == verify.UNSUPPORTED:
             reasons[result.detail] = reasons.get(result.detail, 0) + 1
     for reason, count in reasons.items():
-        lines.append(f"  not supported ({count} cases): {reason}")
+        lines.append(f"  not supported ({_count(count, 'case')}): {reason}")
     for result in report.results:
         if result.status == verify.MISMATCH:
             lines.append(f"  MISMATCH {result.case.name} [{result.case.describe_shapes()}]")
@@ -442,8 +554,9 @@ def format_details(report: verify.TargetReport, *, verbose: bool = False) -> str
                 lines.append(f"    options: {result.case.options}")
             shrunk = result.shrunk
             if shrunk is not None and shrunk.steps:
-                lines.append(f"    shrunk in {len(shrunk.steps)} steps ({shrunk.attempts} tries) "
-                             f"to [{describe(shrunk.case)}]")
+                steps = _count(len(shrunk.steps), "step")
+                tries = _count(shrunk.attempts, "try", "tries")
+                lines.append(f"    shrunk in {steps} ({tries}) to [{describe(shrunk.case)}]")
                 lines.append(f"    {shrunk.result.detail}")
         elif verbose:
             lines.append(
@@ -478,10 +591,10 @@ def _save_failures(reports: list[verify.TargetReport], args: argparse.Namespace)
                 references["reference_out"] = reference.out
                 if reference.lse is not None:
                     references["reference_lse"] = reference.lse
-            verify.save_case(path, case, references)
+            verify.save_case(path, case, references, variant=report.variant)
             commands.append(command)
     (directory / "reproduce.txt").write_text("\n".join(commands) + "\n")
-    print(f"saved {len(commands)} failing inputs to {directory}; rerun one with:")
+    print(f"saved {_count(len(commands), 'failing input')} to {directory}; rerun one with:")
     for command in commands:
         print(f"  {command}")
 

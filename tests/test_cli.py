@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 import textwrap
 import types
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from kernattn import cli
+import kernattn
+from kernattn import cli, verify
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -79,6 +80,116 @@ def test_verify_help_lists_exit_codes(capsys):
     output = capsys.readouterr().out
     assert "exit codes:" in output
     assert "not installed" in output
+    assert f"{cli.EXIT_BACKEND_IMPORT}  a kernattn backend" in output
+
+
+def test_version(capsys):
+    assert cli.main(["--version"]) == cli.EXIT_OK
+    assert capsys.readouterr().out == f"kernattn {kernattn.__version__}\n"
+
+
+def test_replay_missing_file(tmp_path, capsys):
+    missing = tmp_path / "missing.npz"
+    assert cli.main(["verify", "--replay", str(missing)]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err == f"kernattn verify: {missing} not found; expected a case saved by " \
+        "kernattn verify --save-failures (.npz)\n"
+
+
+def test_replay_not_a_case(tmp_path, capsys):
+    script = tmp_path / "attn.py"
+    script.write_text("def f(q, k, v):\n    return v\n")
+    assert cli.main(["verify", "--replay", str(script)]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert f"{script} is not a NumPy .npz file" in err
+    assert len(err.splitlines()) == 1
+
+
+def _save_edge_case(variant_name: str, path: Path, **options) -> Path:
+    case = verify.VARIANTS[variant_name].edge_cases()[0]
+    return verify.save_case(path, case, **options)
+
+
+def test_replay_variant_conflict(tmp_path, capsys):
+    saved = _save_edge_case("softmax", tmp_path / "softmax-case.npz", variant="softmax")
+    code = cli.main(["verify", "--variant", "similarity", "--replay", str(saved)])
+    assert code == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err == (
+        f"kernattn verify: --variant similarity conflicts with {saved}, which contains a "
+        f"softmax case; drop --variant or pass --variant softmax\n"
+    )
+
+
+def test_replay_feature_map_needs_linear_case(tmp_path, capsys):
+    saved = _save_edge_case("similarity", tmp_path / "sim.npz")
+    code = cli.main(["verify", "--feature-map", "relu", "--replay", str(saved)])
+    assert code == cli.EXIT_USAGE
+    assert "contains a similarity case" in capsys.readouterr().err
+
+
+@pytest.fixture
+def numpy_backends_only(monkeypatch):
+    """Check only the numpy backend of each variant, to keep replays fast."""
+    for name, variant in verify.VARIANTS.items():
+        only_numpy = replace(variant, backends=lambda: {"loops": None, "numpy": None})
+        monkeypatch.setitem(verify.VARIANTS, name, only_numpy)
+
+
+@pytest.mark.parametrize("stored", [True, False], ids=["variant-stored", "variant-inferred"])
+def test_replay_uses_saved_variant(tmp_path, capsys, numpy_backends_only, stored):
+    variant = {"variant": "linear"} if stored else {}
+    saved = _save_edge_case("linear", tmp_path / "linear-case.npz", **variant)
+    assert cli.main(["verify", "--replay", str(saved)]) == cli.EXIT_OK
+    output = capsys.readouterr().out
+    assert "kernattn verify: variant linear, 1 case (replayed)" in output
+    assert "linear   numpy (float64 input)" in output
+    assert "softmax" not in output
+
+
+def test_replay_groups_files_by_variant(tmp_path, capsys, numpy_backends_only):
+    softmax_file = _save_edge_case("softmax", tmp_path / "a.npz")
+    similarity_file = _save_edge_case("similarity", tmp_path / "b.npz")
+    argv = ["verify", "--replay", str(similarity_file), "--replay", str(softmax_file),
+            "--replay", str(softmax_file)]
+    assert cli.main(argv) == cli.EXIT_OK
+    output = capsys.readouterr().out
+    assert "kernattn verify: variant softmax, 2 cases (replayed)" in output
+    assert "kernattn verify: variant similarity, 1 case (replayed)" in output
+
+
+def test_verify_backend_import_error(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "kernattn._numba.softmax", None)  # import fails
+    numpy_and_numba = replace(
+        verify.VARIANTS["softmax"], backends=lambda: {"loops": None, "numpy": None, "numba": None}
+    )
+    monkeypatch.setitem(verify.VARIANTS, "softmax", numpy_and_numba)
+    code = cli.main(["verify", "--variant", "softmax", "--cases", "2"])
+    assert code == cli.EXIT_BACKEND_IMPORT
+    output = capsys.readouterr().out
+    errors = [line for line in output.splitlines() if line.startswith("  error: ")]
+    assert len(errors) == 2  # one line per target: float64 and float32 input
+    assert errors[0].startswith(
+        "  error: backend 'numba' cannot be imported: ModuleNotFoundError: "
+    )
+    assert "kernattn._numba.softmax" in errors[0]
+    assert "MISMATCH" not in output
+    assert "shrunk" not in output
+    assert "FAIL" not in output
+    assert "ERROR: 2 targets could not run because a kernattn backend failed to import" in output
+    assert output.splitlines()[-1] == f"  {cli.REINSTALL_HINT}"
+
+
+def test_verify_backend_registry_import_error(monkeypatch, capsys):
+    def missing_registry():
+        raise ModuleNotFoundError("No module named 'kernattn.loops'")
+
+    broken = replace(verify.VARIANTS["softmax"], backends=missing_registry)
+    monkeypatch.setitem(verify.VARIANTS, "softmax", broken)
+    assert cli.main(["verify", "--variant", "softmax"]) == cli.EXIT_BACKEND_IMPORT
+    err = capsys.readouterr().err
+    assert "No module named 'kernattn.loops'" in err
+    assert cli.REINSTALL_HINT in err
 
 
 def test_verify_unknown_target(capsys):
@@ -118,7 +229,9 @@ def test_verify_tiled_gqa_saves_failures(user_module, capsys):
     # The saved command reruns exactly that case, and it still fails.
     replay = command.split()[2:]
     assert cli.main(["verify", *replay]) == cli.EXIT_MISMATCH
-    assert "1 cases" in capsys.readouterr().out
+    lines = capsys.readouterr().out.splitlines()
+    assert "kernattn verify: variant softmax, 1 case (replayed)" in lines
+    assert lines[-1] == "FAIL: 1 mismatch"
 
 
 def test_verify_peer_not_installed(monkeypatch, capsys):
@@ -144,11 +257,15 @@ def test_verify_torch(capsys):
 
 
 def test_console_script_runs():
-    executable = shutil.which("kernattn")
+    # The script installed next to this interpreter, not whichever `kernattn` comes
+    # first on PATH, which may belong to another environment.
+    scripts = Path(sys.executable).parent
+    candidates = [scripts / "kernattn", scripts / "kernattn.exe"]
+    executable = next((path for path in candidates if path.is_file()), None)
     if executable is None:
-        pytest.skip("the kernattn console script is not installed (pip install -e .)")
+        pytest.skip(f"no kernattn console script in {scripts} (pip install -e .)")
     completed = subprocess.run(
-        [executable, "verify", "--cases", "2"], capture_output=True, text=True, timeout=300
+        [str(executable), "verify", "--cases", "2"], capture_output=True, text=True, timeout=300
     )
     assert completed.returncode == 0, completed.stdout + completed.stderr
     assert "OK: no mismatches" in completed.stdout
@@ -173,7 +290,9 @@ def test_verify_linear_shrinks_and_saves(user_module, capsys):
         f"--replay {saved}"
     )
     assert cli.main(command.split()[1:]) == cli.EXIT_MISMATCH
-    assert "1 cases" in capsys.readouterr().out
+    output = capsys.readouterr().out
+    assert "kernattn verify: variant linear, 1 case (replayed)" in output
+    assert output.splitlines()[-1] == "FAIL: 1 mismatch"
 
 
 def test_verify_linear_needs_feature_map(user_module, capsys):

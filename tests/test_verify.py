@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import math
+import re
+import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from kernattn import verify
-from kernattn.verify.cases import SOFTMAX_FEATURES, keep_set, softmax_cases, softmax_edge_cases
+from kernattn.verify import linear_cases, similarity_cases
+from kernattn.verify.cases import (
+    SOFTMAX_FEATURES,
+    keep_set,
+    load_case_variant,
+    softmax_cases,
+    softmax_edge_cases,
+)
 from kernattn.verify.check import Output, check_case, compare
 from kernattn.verify.peers import JAX_EMPTY_ROW_MEAN, NAN_AT_EXCLUDED
 
@@ -147,6 +157,108 @@ def test_save_and_load_case_roundtrip(tmp_path):
     assert loaded.options == case.options
     for key in case.arrays:
         np.testing.assert_array_equal(loaded.arrays[key], case.arrays[key])
+
+
+def test_save_case_stores_variant(tmp_path):
+    case = edge_case("edge-gqa-head-mapping")
+    path = verify.save_case(tmp_path / "case.npz", case, variant="similarity")
+    assert load_case_variant(path) == "similarity"
+    assert load_case_variant(verify.save_case(tmp_path / "plain.npz", case)) is None
+
+
+def test_load_replay_reads_or_infers_variant(tmp_path):
+    softmax_case = edge_case("edge-gqa-head-mapping")
+    similarity_case = similarity_cases.edge_cases()[0]
+    linear_case = linear_cases.edge_cases()[0]
+    saved = {
+        "softmax": verify.save_case(tmp_path / "s.npz", softmax_case),
+        "similarity": verify.save_case(tmp_path / "m.npz", similarity_case),
+        "linear": verify.save_case(tmp_path / "l.npz", linear_case),
+    }
+    for name, path in saved.items():  # files without a variant entry
+        variant, case = verify.load_replay(path)
+        assert variant.name == name
+    stored = verify.save_case(tmp_path / "stored.npz", linear_case, variant="linear")
+    variant, case = verify.load_replay(stored)
+    assert variant.name == "linear"
+    assert case.name == linear_case.name
+
+
+def test_load_replay_unknown_variant(tmp_path):
+    path = verify.save_case(tmp_path / "case.npz", edge_case("edge-gqa-head-mapping"),
+                            variant="flash")
+    with pytest.raises(verify.CaseFileError, match=re.escape("variant 'flash'")):
+        verify.load_replay(path)
+
+
+def test_load_case_rejects_other_files(tmp_path):
+    script = tmp_path / "attn.py"
+    script.write_text("print('not a case')\n")
+    np.save(tmp_path / "single.npy", np.zeros(3))
+    np.savez(tmp_path / "other.npz", x=np.zeros(3))
+    expected = {
+        tmp_path / "missing.npz": "missing.npz not found",
+        script: "attn.py is not a NumPy .npz file",
+        tmp_path / "single.npy": "single.npy is a single .npy array",
+        tmp_path / "other.npz": "other.npz has no q, k, v, name, options",
+        tmp_path: "cannot be read",
+    }
+    for path, message in expected.items():
+        with pytest.raises(verify.CaseFileError, match=re.escape(message)):
+            verify.load_case(path)
+    assert issubclass(verify.CaseFileError, ValueError)
+
+
+def _numpy_and_broken_numba(monkeypatch) -> verify.Variant:
+    """Return the softmax variant with backends numpy and numba, numba's module missing."""
+    monkeypatch.setitem(sys.modules, "kernattn._numba.softmax", None)  # import fails
+    return replace(SOFTMAX, backends=lambda: {"loops": None, "numpy": None, "numba": None})
+
+
+def test_backend_import_error_stops_target(monkeypatch):
+    variant = _numpy_and_broken_numba(monkeypatch)
+    cases = softmax_edge_cases()
+    reports = verify.run_verify(variant, variant.backend_targets(), cases, shrink=True)
+    by_name = {report.target: report for report in reports}
+    numpy_report = by_name["numpy (float64 input)"]
+    assert numpy_report.not_run is None
+    assert numpy_report.count(verify.AGREE) == len(cases)
+    for dtype in ("float64", "float32"):
+        report = by_name[f"numba ({dtype} input)"]
+        assert isinstance(report.not_run, verify.BackendImportError)
+        assert "kernattn._numba.softmax" in str(report.not_run)
+        assert report.results == []
+        assert report.import_failed
+        assert report.verdict == "ERROR"
+
+
+def test_oracle_import_error_ends_variant(monkeypatch):
+    def missing_oracle(case, backend):
+        raise ModuleNotFoundError("No module named 'kernattn.loops.softmax'")
+
+    variant = replace(SOFTMAX, invoke=missing_oracle)
+    [report] = verify.run_verify(variant, [], softmax_edge_cases())
+    assert report.target == "loops (oracle) vs exact values"
+    assert isinstance(report.not_run, verify.BackendImportError)
+
+
+def test_backend_registry_import_error():
+    def missing_registry():
+        raise ModuleNotFoundError("No module named 'kernattn.loops'")
+
+    variant = replace(SOFTMAX, backends=missing_registry)
+    with pytest.raises(verify.BackendImportError, match=re.escape("softmax backends cannot")):
+        variant.backend_targets()
+
+
+def test_function_import_error_is_mismatch():
+    def imports_missing(q, k, v, **keywords):
+        raise ModuleNotFoundError("No module named 'flash_attn'")
+
+    case = edge_case("edge-causal-no-mask")
+    result = check_case(verify.FunctionTarget(imports_missing, "f"), case, SOFTMAX.oracle(case))
+    assert result.status == verify.MISMATCH
+    assert "flash_attn" in result.detail
 
 
 def test_tiled_gqa_function_mismatches():

@@ -16,6 +16,7 @@ user functions), `peers` (JAX, PyTorch).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -24,10 +25,22 @@ from kernattn.linear import linear_backends
 from kernattn.similarity import similarity_backends
 from kernattn.softmax import softmax_attention, softmax_backends
 from kernattn.verify import linear_cases, similarity_cases
-from kernattn.verify.cases import DEFAULT_CASE_COUNT, Case, load_case, save_case, softmax_cases, softmax_edge_cases
+from kernattn.verify.cases import (
+    DEFAULT_CASE_COUNT,
+    Case,
+    CaseFileError,
+    load_case,
+    load_case_variant,
+    save_case,
+    softmax_cases,
+    softmax_edge_cases,
+)
 from kernattn.verify.check import (
     AGREE,
     DIFFERENCE,
+    BackendImportError,
+    BackendUnavailable,
+    TargetNotRun,
     MISMATCH,
     UNSUPPORTED,
     CaseResult,
@@ -99,6 +112,11 @@ class Variant:
         `PeerNotInstalled` when the peer's library is missing.
     float_dtypes : tuple
         Input dtypes every backend is run with.
+    marker_option : str or None
+        Option that every case of this variant has and no other variant's cases have
+        (``"sim"``, ``"feature_map"``). It tells the variant of a case file saved
+        without a ``variant`` entry; None for softmax, the variant of the remaining
+        files.
     """
 
     name: str
@@ -112,6 +130,7 @@ class Variant:
     default_case_count: int = DEFAULT_CASE_COUNT
     peers: dict[str, Callable] = field(default_factory=dict)
     float_dtypes: tuple[str, ...] = ("float64", "float32")
+    marker_option: str | None = None
 
     def oracle(self, case: Case) -> Output:
         """Return the loop oracle's output on `case`, run on the arrays as stored."""
@@ -122,10 +141,22 @@ class Variant:
         return BackendTarget(self.invoke, ORACLE_BACKEND, None, exact=True)
 
     def backend_targets(self) -> list[BackendTarget]:
-        """Return one target per non-oracle backend and input dtype."""
+        """Return one target per non-oracle backend and input dtype.
+
+        Raises
+        ------
+        BackendImportError
+            The backend registry itself cannot be imported.
+        """
+        try:
+            backends = self.backends()
+        except ImportError as exc:
+            raise BackendImportError(
+                f"the {self.name} backends cannot be listed: {type(exc).__name__}: {exc}"
+            ) from exc
         return [
             BackendTarget(self.invoke, backend, dtype)
-            for backend in self.backends()
+            for backend in backends
             if backend != ORACLE_BACKEND
             for dtype in self.float_dtypes
         ]
@@ -153,6 +184,7 @@ VARIANTS: dict[str, Variant] = {
         scales=similarity_cases.scales,
         user_arguments=similarity_cases.user_arguments,
         default_case_count=similarity_cases.DEFAULT_CASE_COUNT,
+        marker_option="sim",
     ),
     "linear": Variant(
         "linear",
@@ -164,8 +196,34 @@ VARIANTS: dict[str, Variant] = {
         user_arguments=linear_cases.user_arguments,
         user_case=linear_cases.user_case,
         default_case_count=linear_cases.DEFAULT_CASE_COUNT,
+        marker_option="feature_map",
     ),
 }
+
+
+def load_replay(path: str | Path) -> tuple[Variant, Case]:
+    """Read a case written by `save_case` and return its variant with it.
+
+    The variant is the file's ``variant`` entry. A file without one (written before
+    the entry existed) belongs to the variant whose `marker_option` the case has, and
+    to softmax when it has none.
+
+    Raises
+    ------
+    CaseFileError
+        The file cannot be read as a saved case, or it names an unknown variant.
+    """
+    case = load_case(path)
+    name = load_case_variant(path)
+    if name is None:
+        markers = [v.name for v in VARIANTS.values() if v.marker_option in case.options]
+        name = markers[0] if markers else "softmax"
+    if name not in VARIANTS:
+        raise CaseFileError(
+            f"{path} contains a case of variant {name!r}, which this version of kernattn "
+            f"does not have; expected one of {', '.join(VARIANTS)}"
+        )
+    return VARIANTS[name], case
 
 
 def build_cases(variant: Variant, seed: int, count: int | None = None) -> list[Case]:
@@ -198,6 +256,11 @@ def run_verify(
     ``wants(case)`` method runs only the cases it wants; a `FunctionTarget` runs the
     cases the variant's `user_case` keeps. Cost: one oracle run per case,
     O(B Hq N S (D + M)) Python operations each, plus one run of each target per case.
+
+    A target that cannot run here (`TargetNotRun`, such as a backend whose module does
+    not import) is stopped at its first case and not shrunk. Its report stores the
+    error in ``not_run``. When the oracle itself cannot run, the only report returned
+    is the oracle's.
     """
     def report_progress(label):
         if progress is None:
@@ -205,14 +268,17 @@ def run_verify(
         return lambda done, total: progress(f"{variant.name} / {label}", done, total)
 
     oracle_target = variant.oracle_target()
+    oracle_target.name = f"{ORACLE_BACKEND} (oracle) vs exact values"
     oracle = {}
     step = report_progress("oracle")
     for index, case in enumerate(cases):
-        oracle[case.name] = oracle_target(case)
+        try:
+            oracle[case.name] = oracle_target(case)
+        except TargetNotRun as exc:  # without the oracle no target can be checked
+            return [TargetReport(variant.name, oracle_target.name, not_run=exc)]
         if step is not None:
             step(index + 1, len(cases))
     exact = [case for case in cases if case.expected_out is not None or case.expected_raised]
-    oracle_target.name = f"{ORACLE_BACKEND} (oracle) vs exact values"
     reports = []
     if exact:
         reports.append(check_target(variant.name, oracle_target, exact, oracle, variant.scales))
@@ -224,7 +290,7 @@ def run_verify(
         report = check_target(
             variant.name, target, selected, oracle, variant.scales, report_progress(target.name)
         )
-        if shrink:
+        if shrink and report.not_run is None:
             for result in report.failures:
                 if progress is not None:
                     progress(f"{variant.name} / {target.name}: shrinking {result.case.name}", 0, 0)
@@ -235,6 +301,11 @@ def run_verify(
 
 __all__ = [
     "AGREE",
+    "BackendImportError",
+    "BackendUnavailable",
+    "CaseFileError",
+    "TargetNotRun",
+    "load_replay",
     "Progress",
     "Scales",
     "ShrinkResult",

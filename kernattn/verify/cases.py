@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import zipfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -332,20 +333,31 @@ def softmax_edge_cases() -> list[Case]:
     return cases
 
 
+class CaseFileError(ValueError):
+    """Raised when a file cannot be read as a case written by `save_case`."""
+
+
 def save_case(
-    path: str | Path, case: Case, references: dict[str, np.ndarray] | None = None
+    path: str | Path,
+    case: Case,
+    references: dict[str, np.ndarray] | None = None,
+    *,
+    variant: str | None = None,
 ) -> Path:
     """Write a case to an ``.npz`` file that loads with ``allow_pickle=False``.
 
     Arrays keep their names; the name and scalar options are stored as JSON in the
-    string arrays ``name`` and ``options``. `references` (for example the oracle
-    output under ``reference_out``) are stored alongside.
+    string arrays ``name`` and ``options``. `variant`, the name of the attention family
+    the case belongs to, is stored in ``variant`` when given. `references` (for example
+    the oracle output under ``reference_out``) are stored alongside.
     """
     path = Path(path)
     payload = dict(case.arrays)
     payload["name"] = np.array(case.name)
     payload["options"] = np.array(json.dumps(case.options))
     payload["exact"] = np.array(case.exact)
+    if variant is not None:
+        payload["variant"] = np.array(variant)
     if case.expected_out is not None:
         payload["expected_out"] = case.expected_out
     if case.expected_lse is not None:
@@ -360,10 +372,60 @@ def save_case(
 
 
 def load_case(path: str | Path) -> Case:
-    """Read a case written by `save_case`."""
-    with np.load(path, allow_pickle=False) as data:
-        contents = {key: data[key] for key in data.files}
-    options = json.loads(str(contents.pop("options")))
+    """Read a case written by `save_case`.
+
+    Raises
+    ------
+    CaseFileError
+        The file does not exist, cannot be read, or is not a case written by
+        `save_case` (not an ``.npz`` archive, or one without q, k, v, name and options).
+    """
+    return _case_from_contents(path, _read_case_file(path))
+
+
+def load_case_variant(path: str | Path) -> str | None:
+    """Return the variant name stored by ``save_case(..., variant=...)``, else None.
+
+    Raises
+    ------
+    CaseFileError
+        As `load_case`.
+    """
+    contents = _read_case_file(path)
+    return str(contents["variant"]) if "variant" in contents else None
+
+
+def _read_case_file(path: str | Path) -> dict[str, np.ndarray]:
+    expected = "a case saved by kernattn verify --save-failures (.npz)"
+    try:
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise CaseFileError(f"{path} is a single .npy array; expected {expected}")
+        with data:
+            contents = {key: data[key] for key in data.files}
+    except FileNotFoundError as exc:
+        raise CaseFileError(f"{path} not found; expected {expected}") from exc
+    except OSError as exc:
+        raise CaseFileError(f"{path} cannot be read ({exc}); expected {expected}") from exc
+    except (ValueError, EOFError, zipfile.BadZipFile) as exc:
+        if isinstance(exc, CaseFileError):
+            raise
+        # np.load raises ValueError ("contains pickled (object) data") for any file that
+        # is neither .npy nor .npz, EOFError for an empty one.
+        raise CaseFileError(f"{path} is not a NumPy .npz file; expected {expected}") from exc
+    missing = [key for key in ("q", "k", "v", "name", "options") if key not in contents]
+    if missing:
+        raise CaseFileError(f"{path} has no {', '.join(missing)}; expected {expected}")
+    return contents
+
+
+def _case_from_contents(path: str | Path, contents: dict[str, np.ndarray]) -> Case:
+    try:
+        options = json.loads(str(contents.pop("options")))
+    except json.JSONDecodeError as exc:
+        raise CaseFileError(f"{path}: options is not valid JSON ({exc})") from exc
+    if not isinstance(options, dict):
+        raise CaseFileError(f"{path}: options is a {type(options).__name__}; expected a JSON object")
     if options.get("window") is not None:
         options["window"] = tuple(options["window"])  # JSON has no tuples
     name = str(contents.pop("name"))

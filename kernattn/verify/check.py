@@ -40,6 +40,29 @@ class UnsupportedCase(Exception):
     """Raised by a target for a case whose options it cannot express."""
 
 
+class TargetNotRun(Exception):
+    """Raised by a target that cannot run in this environment at all.
+
+    `check_target` stops the target at the first one and reports the message once,
+    in place of a result per case.
+    """
+
+
+class BackendImportError(TargetNotRun):
+    """Raised when a kernattn backend's module cannot be imported: a broken installation.
+
+    `kernattn verify` exits with its own code for it, because no case of the backend
+    was checked.
+    """
+
+
+class BackendUnavailable(TargetNotRun):
+    """Raised for a backend that this machine cannot run, such as ``"cuda"`` without a GPU.
+
+    The backend is optional, so its target is reported as not run and does not fail.
+    """
+
+
 @dataclass(frozen=True)
 class Output:
     """Result of one target on one case: out (B, Hq, N, M) and lse (B, Hq, N) or None.
@@ -122,6 +145,7 @@ class TargetReport:
     results: list[CaseResult] = field(default_factory=list)
     differences: tuple[KnownDifference, ...] = ()
     notes: list[str] = field(default_factory=list)
+    not_run: TargetNotRun | None = None
 
     def count(self, status: str) -> int:
         return sum(result.status == status for result in self.results)
@@ -139,9 +163,18 @@ class TargetReport:
         return max((r.rel_error for r in self.results if r.status == AGREE), default=0.0)
 
     @property
+    def import_failed(self) -> bool:
+        """Whether the target stopped because its backend could not be imported."""
+        return isinstance(self.not_run, BackendImportError)
+
+    @property
     def verdict(self) -> str:
+        if self.import_failed:
+            return "ERROR"
         if self.failures:
             return "FAIL"
+        if self.not_run is not None:
+            return "not run"
         if self.count(DIFFERENCE) or self.count(UNSUPPORTED):
             return "ok (see notes)"
         return "ok"
@@ -312,6 +345,8 @@ def check_case(
         got = target(case)
     except UnsupportedCase as exc:
         return CaseResult(case, UNSUPPORTED, detail=str(exc))
+    except TargetNotRun:
+        raise
     except Exception as exc:  # the target itself failed: report it as a mismatch
         detail = f"raised {type(exc).__name__}: {exc}"
         return CaseResult(case, MISMATCH, np.inf, np.inf, detail, reference=oracle)
@@ -374,11 +409,17 @@ def check_target(
 ) -> TargetReport:
     """Run one target over every case and return its report.
 
-    `progress(done, total)` is called after each case when given.
+    `progress(done, total)` is called after each case when given. A target that raises
+    `TargetNotRun` is stopped there; the exception is stored in ``report.not_run``.
     """
     report = TargetReport(variant, target.name, differences=target.differences)
     for index, case in enumerate(cases):
-        report.results.append(check_case(target, case, oracle[case.name], scales))
+        try:
+            result = check_case(target, case, oracle[case.name], scales)
+        except TargetNotRun as exc:
+            report.not_run = exc
+            break
+        report.results.append(result)
         if progress is not None:
             progress(index + 1, len(cases))
     report.notes.extend(target.notes)

@@ -18,7 +18,7 @@ from typing import Iterator
 import numpy as np
 
 from kernattn.verify.cases import Case
-from kernattn.verify.check import MISMATCH, CaseResult, check_case
+from kernattn.verify.check import MISMATCH, CaseResult, TargetNotRun, check_case
 
 # Attempts (one oracle run and one target run each) per failing case. Cases have at
 # most a dozen positions, so a full shrink usually needs far fewer.
@@ -111,7 +111,10 @@ def _mismatch(variant, target, case: Case) -> CaseResult | None:
         oracle = variant.oracle(case)
     except Exception:  # the oracle rejects this candidate's options: not a valid input
         return None
-    result = check_case(target, case, oracle, variant.scales)
+    try:
+        result = check_case(target, case, oracle, variant.scales)
+    except TargetNotRun:  # the target cannot run this candidate at all: not a mismatch
+        return None
     return result if result.status == MISMATCH else None
 
 

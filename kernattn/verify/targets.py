@@ -7,6 +7,7 @@ libraries live in `kernattn.verify.peers`.
 from __future__ import annotations
 
 import importlib
+import sys
 from dataclasses import replace
 from typing import Any, Callable
 
@@ -14,7 +15,14 @@ import numpy as np
 
 from kernattn.similarity import ZeroDenominatorError
 from kernattn.verify.cases import Case
-from kernattn.verify.check import ROWS_NOT_NAMED, KnownDifference, Output, UnsupportedCase
+from kernattn.verify.check import (
+    ROWS_NOT_NAMED,
+    BackendImportError,
+    BackendUnavailable,
+    KnownDifference,
+    Output,
+    UnsupportedCase,
+)
 
 
 Invoke = Callable[[Case, str], Output]
@@ -28,6 +36,12 @@ class BackendTarget:
     (see `kernattn.verify.Variant`). With ``dtype=None`` the case runs as stored, so
     integer inputs reach the exact route of the loop oracle. A `ZeroDenominatorError`
     becomes an output that names its rows.
+
+    An ImportError raised by the backend means kernattn's installation is broken (a
+    backend module or a run-time dependency is missing), so it becomes a
+    `BackendImportError` and no case of the backend counts as a mismatch. The
+    ``CudaUnavailableError`` of ``backend="cuda"`` on a machine without a GPU becomes
+    `BackendUnavailable`.
     """
 
     differences: tuple[KnownDifference, ...] = ()
@@ -47,12 +61,28 @@ class BackendTarget:
             output = self.invoke(case, self.backend)
         except ZeroDenominatorError as exc:
             return Output(None, raised=tuple(exc.rows))
+        except ImportError as exc:
+            raise BackendImportError(
+                f"backend {self.backend!r} cannot be imported: {type(exc).__name__}: {exc}"
+            ) from exc
+        except Exception as exc:
+            if _is_cuda_unavailable(exc):
+                raise BackendUnavailable(str(exc)) from exc
+            raise
         out = np.asarray(output.out)
         # The narrower of the input and output dtypes sets the tolerance.
         precision = out.dtype
         if self.dtype is not None:
             precision = min(self.dtype, out.dtype, key=lambda dtype: dtype.itemsize)
         return replace(output, out=out, precision=precision)
+
+
+def _is_cuda_unavailable(exc: Exception) -> bool:
+    # kernattn.cuda is imported only by backend="cuda", so its absence from sys.modules
+    # means the exception did not come from there.
+    cuda = sys.modules.get("kernattn.cuda")
+    error_type = getattr(cuda, "CudaUnavailableError", None)
+    return error_type is not None and isinstance(exc, error_type)
 
 
 def softmax_arguments(case: Case, function: Callable) -> tuple[tuple, dict[str, Any]]:
@@ -69,7 +99,8 @@ class FunctionTarget:
     NotImplementedError, or TypeError naming one of the passed keywords, marks the case
     as not supported. A `ZeroDivisionError` (kernattn's `ZeroDenominatorError` is one)
     counts as raising for a zero denominator; its rows are compared when it names them.
-    Any other exception is a mismatch.
+    Any other exception is a mismatch, ImportError included: an import inside the
+    function belongs to the function, so it is not treated as a broken kernattn.
     """
 
     differences: tuple[KnownDifference, ...] = ()
