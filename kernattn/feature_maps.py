@@ -273,9 +273,13 @@ class EluPlusOne(FeatureMap):
         return "EluPlusOne()"
 
     def _features(self, x):
-        # elu(x) + 1 is x + 1 for x > 0 and exp(x) otherwise.
-        one = x.dtype.type(1)
-        return np.where(x > 0, x + one, np.exp(np.minimum(x, 0)))
+        # elu(x) + 1 = exp(min(x, 0)) + max(x, 0): x + 1 for x > 0 (exp(0) is exactly 1)
+        # and exp(x) otherwise. Computed in place, this is several times faster than
+        # np.where, which builds four temporaries.
+        features = np.minimum(x, 0)
+        np.exp(features, out=features)
+        features += np.maximum(x, 0)
+        return features
 
     def num_features(self, d):
         return d

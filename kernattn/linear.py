@@ -246,7 +246,10 @@ def evaluate_feature_map(fmap: FeatureMap, x: np.ndarray, name: str) -> np.ndarr
             f"{x.shape}; expected {x.shape[:-1] + (expected_f,)}, i.e. (..., F) with "
             f"F = num_features({d}) = {expected_f}"
         )
-    bad = ~np.isfinite(phi).all(axis=-1) & np.isfinite(x).all(axis=-1)
+    finite = np.isfinite(phi)
+    if finite.all():  # the common case: one pass, and x need not be read
+        return phi
+    bad = ~finite.all(axis=-1) & np.isfinite(x).all(axis=-1)
     if bad.any():
         where = tuple(int(i) for i in np.argwhere(bad)[0])
         raise FeatureMapError(
