@@ -293,8 +293,10 @@ def test_cuda_device_arrays_in_device_arrays_out(layout, rank):
         cuda.to_device(q), cuda.to_device(k), cuda.to_device(v), mask=mask, layout=layout,
         backend="cuda", return_lse=True, **options,
     )
-    assert kcuda.is_device_array(out) and kcuda.is_device_array(lse)
-    assert out.shape == expected.shape and lse.shape == expected_lse.shape
+    assert kcuda.is_device_array(out)
+    assert kcuda.is_device_array(lse)
+    assert out.shape == expected.shape
+    assert lse.shape == expected_lse.shape
     assert_float64_close(out.copy_to_host(), expected)
     assert_float64_close(lse.copy_to_host(), expected_lse)
 

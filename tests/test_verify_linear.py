@@ -234,9 +234,10 @@ def test_shrink_buggy_causal_to_tiny():
     for result in report.failures:
         shrunk = result.shrunk.case
         sizes = verify.shrink.sizes(shrunk)
-        assert sizes["B"] == 1 and sizes["Hq"] == 1 and sizes["Hkv"] == 1
-        assert sizes["N"] <= 2 and sizes["S"] <= 2, sizes
-        assert sizes["D"] == 1 and sizes["M"] == 1
+        for axis in ("B", "Hq", "Hkv", "D", "M"):
+            assert sizes[axis] == 1, sizes
+        assert sizes["N"] <= 2, sizes
+        assert sizes["S"] <= 2, sizes
         assert shrunk.options.get("causal") not in (None, False)
         assert result.shrunk.result.status == verify.MISMATCH
 
