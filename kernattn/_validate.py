@@ -183,7 +183,7 @@ def check_qkv(q, k, v, layout: str, precision: str = "float64"):
         )
     if hq == 0 or hkv == 0:
         raise ShapeError(
-            f"q has {hq} heads and k has {hkv}; expected at least one head in each"
+            f"q has {hq} and k has {hkv} heads; expected at least one head in each"
         )
     if hq % hkv != 0:
         raise ShapeError(
@@ -369,7 +369,7 @@ def resolve_structure(
             raise OptionError(
                 f"{option_text} depends on the alignment here, because batch row {row} "
                 f"has {int(q_len[row])} valid queries and {int(kv_len[row])} valid keys "
-                f"(N = {n}, S = {s}, after q_lengths and kv_lengths); pass "
+                f"(array sizes N = {n}, S = {s}); pass "
                 f"alignment='top_left' or alignment='bottom_right'"
             )
         alignment = "top_left"

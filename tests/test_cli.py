@@ -378,3 +378,19 @@ def test_bench_missing_module(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "kernattn.bench", None)  # makes the import fail
     assert cli.main(["bench"]) == cli.EXIT_USAGE
     assert "module kernattn.bench is missing" in capsys.readouterr().err
+
+
+def test_target_module_import_failure(tmp_path, monkeypatch, capsys):
+    (tmp_path / "raises_on_import.py").write_text("raise ValueError('boom')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code = cli.main(["verify", "raises_on_import:forward"])
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_USAGE
+    assert "importing module 'raises_on_import' failed: ValueError: boom" in err
+
+
+def test_target_module_missing(capsys):
+    code = cli.main(["verify", "no_such_module_here:forward"])
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_USAGE
+    assert "importing module 'no_such_module_here' failed" in err

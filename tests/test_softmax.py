@@ -574,7 +574,7 @@ def test_merge_propagates_nan_and_inf_lse():
 
 def test_zero_heads_rejected():
     empty = np.zeros((1, 0, 4, 1))
-    with pytest.raises(ShapeError, match=re.escape("q has 0 heads and k has 0; expected at least one")):
+    with pytest.raises(ShapeError, match=re.escape("q has 0 and k has 0 heads; expected at least one")):
         softmax_attention(empty, empty, empty)
 
 

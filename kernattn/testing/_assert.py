@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kernattn._validate import OptionError, to_numpy
+from kernattn._validate import DTypeError, OptionError, to_numpy
 
 # Default (rtol, atol) per computing dtype, the values torch.testing.assert_close uses.
 DEFAULT_TOLERANCES = {
@@ -29,7 +29,7 @@ def _dtype_name(x) -> str | None:
 def _as_float64(name: str, x) -> np.ndarray:
     array = to_numpy(x)
     if array.dtype.kind not in "fiu" and array.dtype.name != "bfloat16":
-        raise TypeError(f"{name} has dtype {array.dtype}; expected a real floating array")
+        raise DTypeError(f"{name} has dtype {array.dtype}; expected a real floating array")
     return np.asarray(array, dtype=np.float64)
 
 

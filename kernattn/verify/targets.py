@@ -144,7 +144,14 @@ def import_function(spec: str) -> Callable:
         raise ValueError(
             f"target is {spec!r}; expected MODULE:FUNCTION, e.g. mypkg.attn:forward"
         )
-    module = importlib.import_module(module_name)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ImportError(f"importing module {module_name!r} failed: {error}") from error
+    except Exception as error:  # the module's own code raised while being imported
+        raise ValueError(
+            f"importing module {module_name!r} failed: {type(error).__name__}: {error}"
+        ) from error
     function = module
     for part in attribute.split("."):
         if not hasattr(function, part):
