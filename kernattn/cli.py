@@ -37,7 +37,8 @@ EXIT_BACKEND_IMPORT = 4
 EXIT_CODES_HELP = f"""\
 exit codes:
   {EXIT_OK}  every case agrees, or differs only by a documented convention, or is not
-     supported by the target
+     supported by the target; a backend that cannot run on this machine (cuda
+     without a GPU) is reported as not run
   {EXIT_MISMATCH}  at least one mismatch (a real disagreement with the oracle)
   {EXIT_USAGE}  invalid command line, unknown variant, MODULE:FUNCTION not importable, or a
      --replay FILE that is missing, is not a saved case, or conflicts with --variant
