@@ -70,6 +70,8 @@ TARGET is one of:
                      linear      f(q, k, v, **keywords of linear_attention), with
                                  feature_map= only if f has that parameter; otherwise
                                  --feature-map names the map f computes
+                     decode      f(q, k_cache, v_cache, kv_lengths=..., **scale and
+                                 softcap when the case sets them)
 
 A mismatching case is shrunk to the smallest input that still fails (unless
 --no-shrink); --save-failures writes that input and a command that reruns it.

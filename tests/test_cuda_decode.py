@@ -84,6 +84,15 @@ def test_decode_cuda_two_tokens_by_hand():
     np.testing.assert_array_equal(out.ravel(), [1.0, 1.5])
 
 
+def test_decode_cuda_more_splits_than_keys():
+    """Splits past the last valid key are empty and read no key row (capacity 1)."""
+    q, k, v = np.zeros((1, 1, 1, 1)), np.zeros((1, 1, 1, 1)), np.ones((1, 1, 1, 1))
+    out, lse = decode_attention(q, k, v, kv_lengths=[1], num_splits=3, return_lse=True,
+                                backend="cuda")
+    np.testing.assert_array_equal(out.ravel(), [1.0])
+    np.testing.assert_array_equal(lse.ravel(), [0.0])
+
+
 def test_decode_cuda_split_count_changes_only_rounding():
     q, k, v = cache_case(2, 2, 1, 1, 20, 3, 2, [20, 13], np.float64, seed=3)
     reference = decode_attention(q, k, v, kv_lengths=[20, 13], backend="loops")

@@ -191,7 +191,9 @@ def make_decode_kernel(dtype_name, threads, block_k, rows_cap, d_cap, m_cap):
         b, g = cuda.blockIdx.y // hkv, cuda.blockIdx.y % hkv
         kb = b if k.shape[0] > 1 else 0
         n_b, s_b, off = q_lengths[b], kv_lengths[b], offsets[b]
-        split_lo = split * split_keys
+        # A split past this row's valid keys is clamped to the empty interval [s_b, s_b),
+        # so its tile loop below runs zero times.
+        split_lo = min(split * split_keys, s_b)
         split_hi = min(split_lo + split_keys, s_b)
         # 1. Row r = hh * T + tt is token tt of query head g * G + hh; its keys are one
         #    interval, clipped here to the split. Every thread computes the union.

@@ -6,8 +6,8 @@ what a family of attention needs to be checked: its public function (with a
 edge-case catalogue with exact values, and peers from other libraries. The oracle is
 always the variant's ``"loops"`` backend.
 
-Modules: `cases` (softmax inputs, .npz files), `similarity_cases` and `linear_cases`
-(inputs, calls and tolerances of those variants), `exact` (exact expected values from
+Modules: `cases` (softmax inputs, .npz files), `similarity_cases`, `linear_cases` and
+`decode_cases` (inputs, calls and tolerances of those variants), `exact` (exact expected values from
 the formulas), `names` (feature-map and similarity names), `check` (tolerances,
 comparison, reports), `shrink` (smallest failing input), `targets` (kernattn backends,
 user functions), `peers` (JAX, PyTorch).
@@ -24,7 +24,7 @@ import numpy as np
 from kernattn.linear import linear_backends
 from kernattn.similarity import similarity_backends
 from kernattn.softmax import softmax_attention, softmax_backends
-from kernattn.verify import linear_cases, similarity_cases
+from kernattn.verify import decode_cases, linear_cases, similarity_cases
 from kernattn.verify.cases import (
     DEFAULT_CASE_COUNT,
     Case,
@@ -116,7 +116,7 @@ class Variant:
         Option that every case of this variant has and no other variant's cases have
         (``"sim"``, ``"feature_map"``). It tells the variant of a case file saved
         without a ``variant`` entry; None for softmax, the variant of the remaining
-        files.
+        files, and for variants added after files gained that entry (decode).
     """
 
     name: str
@@ -197,6 +197,15 @@ VARIANTS: dict[str, Variant] = {
         user_case=linear_cases.user_case,
         default_case_count=linear_cases.DEFAULT_CASE_COUNT,
         marker_option="feature_map",
+    ),
+    "decode": Variant(
+        "decode",
+        decode_cases.invoke,
+        decode_cases.decode_backends,
+        decode_cases.random_cases,
+        decode_cases.edge_cases,
+        user_arguments=decode_cases.user_arguments,
+        default_case_count=decode_cases.DEFAULT_CASE_COUNT,
     ),
 }
 

@@ -55,6 +55,7 @@ REMOVABLE = (
     ("rtol", ("rtol",), ()),
     ("scale", ("scale",), ()),
     ("chunk_size", ("chunk_size",), ()),
+    ("num_splits", ("num_splits",), ()),
 )
 
 
