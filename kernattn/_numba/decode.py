@@ -30,6 +30,7 @@ from kernattn._numba.softmax import (
     compute_dtype,
     finish_rows,
     row_interval,
+    tile_state,
     update_tile,
     window_bounds,
 )
@@ -112,15 +113,8 @@ def _decode_split(
     empty_flags = np.zeros(1, dtype=np.bool_)
     empty_values = np.zeros(1, dtype=dt)
     no_rows = np.zeros(r, dtype=np.int64)
-    keep_buf = np.empty(DECODE_BLOCK_K * r, dtype=np.bool_)
-    s_buf = np.empty(DECODE_BLOCK_K * r, dtype=dt)
-    p_buf = np.empty(DECODE_BLOCK_K * r, dtype=dt)
-    o_buf = np.empty(r * m, dtype=dt)
-    new_max, shift = np.empty(r, dtype=dt), np.empty(r, dtype=dt)
-    alpha, tile_sum = np.empty(r, dtype=dt), np.empty(r, dtype=dt)
-    acc = np.zeros((r, m), dtype=dt)
-    row_max = np.full(r, -np.inf, dtype=dt)
-    row_sum = np.zeros(r, dtype=dt)
+    (keep_buf, s_buf, p_buf, o_buf, new_max, shift, alpha, tile_sum,
+     acc, row_max, row_sum) = tile_state(q, DECODE_BLOCK_K, r, m)
     # 3. Key tiles of the split in increasing order.
     for j0 in range(first, last, DECODE_BLOCK_K):
         j1 = min(j0 + DECODE_BLOCK_K, last)

@@ -258,6 +258,28 @@ def update_tile(
 
 
 @jit()
+def tile_state(like, block_k, r, m):
+    """Allocate the scratch and running state of `update_tile` for R rows, dtype of `like`.
+
+    Returns (keep_buf, s_buf, p_buf, o_buf, new_max, shift, alpha, tile_sum, acc,
+    row_max, row_sum): scratch for tiles of up to `block_k` keys, and the running state
+    of an empty row (acc 0, row_max -inf, row_sum 0).
+    """
+    dt = like.dtype
+    keep_buf = np.empty(block_k * r, dtype=np.bool_)
+    s_buf = np.empty(block_k * r, dtype=dt)
+    p_buf = np.empty(block_k * r, dtype=dt)
+    o_buf = np.empty(r * m, dtype=dt)
+    new_max, shift = np.empty(r, dtype=dt), np.empty(r, dtype=dt)
+    alpha, tile_sum = np.empty(r, dtype=dt), np.empty(r, dtype=dt)
+    acc = np.zeros((r, m), dtype=dt)
+    row_max = np.full(r, -np.inf, dtype=dt)
+    row_sum = np.zeros(r, dtype=dt)
+    return (keep_buf, s_buf, p_buf, o_buf, new_max, shift, alpha, tile_sum,
+            acc, row_max, row_sum)
+
+
+@jit()
 def finish_rows(acc, row_max, row_sum, out_rows, lse_rows):
     """Write out = acc / l and lse = m + log(l); rows with l == 0 stay 0 with lse -inf."""
     for i in range(acc.shape[0]):
@@ -318,16 +340,8 @@ def _query_tile(
         mask_row[ii] = b * mask_strides[0] + h * mask_strides[1] + i * mask_strides[2]
         bias_row[ii] = b * bias_strides[0] + h * bias_strides[1] + i * bias_strides[2]
         drop_row[ii] = b * drop_strides[0] + h * drop_strides[1] + i * drop_strides[2]
-    dt = q.dtype
-    keep_buf = np.empty(BLOCK_K * r, dtype=np.bool_)
-    s_buf = np.empty(BLOCK_K * r, dtype=dt)
-    p_buf = np.empty(BLOCK_K * r, dtype=dt)
-    o_buf = np.empty(r * m, dtype=dt)
-    new_max, shift = np.empty(r, dtype=dt), np.empty(r, dtype=dt)
-    alpha, tile_sum = np.empty(r, dtype=dt), np.empty(r, dtype=dt)
-    acc = np.zeros((r, m), dtype=dt)
-    row_max = np.full(r, -np.inf, dtype=dt)
-    row_sum = np.zeros(r, dtype=dt)
+    (keep_buf, s_buf, p_buf, o_buf, new_max, shift, alpha, tile_sum,
+     acc, row_max, row_sum) = tile_state(q, BLOCK_K, r, m)
     # 3. Key tiles in increasing order over the union of the row intervals.
     for j0 in range(first, last, BLOCK_K):
         j1 = min(j0 + BLOCK_K, last)

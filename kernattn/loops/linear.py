@@ -1,7 +1,7 @@
 """Explicit-loop twin of linear attention: every form as scalar loops.
 
 Float route: the features φ(q), φ(k) the wrapper evaluated and checked, sums with
-`math.fsum` (the recurrent form adds step by step, as its definition says). Exact route:
+`math.fsum` (the recurrent form adds step by step, as its definition specifies). Exact route:
 for rational inputs and a rational map, ``φ_f(x) = sqrt(w_f) u_f(x)`` with w and u
 Fractions; the query side carries ``w_f u_f(q)`` and the key side ``u_f(k)``, so every
 product ``φ_f(q) φ_f(k) = w_f u_f(q) u_f(k)`` and every sum is exact.
@@ -133,7 +133,7 @@ def _recurrent(fq, fk, vv, allowed, s0, z0, chunk_size, total):
 
 
 def _chunked(fq, fk, vv, allowed, s0, z0, chunk_size, total):
-    """A state carried across query chunks plus a quadratic block inside each chunk."""
+    """Carry the state across query chunks and add a quadratic block inside each chunk."""
     f, m = len(z0), len(s0[0]) if s0 else 0
     state_s = [list(row) for row in s0]
     state_z = list(z0)

@@ -162,7 +162,7 @@ class Variant:
         ]
 
     def function_target(self, function: Callable, name: str) -> FunctionTarget:
-        """Return a target for a user's function, called as `user_arguments` says."""
+        """Return a target for a user's function, called as `user_arguments` specifies."""
         return FunctionTarget(function, name, self.user_arguments)
 
 

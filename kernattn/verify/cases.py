@@ -168,16 +168,20 @@ def _draw_features(rng: np.random.Generator, focus: str) -> set[str]:
     return features
 
 
+def draw_head_counts(rng: np.random.Generator, features) -> tuple[int, int]:
+    """Return (Hq, Hkv): multi-query with "mqa", grouped-query with "gqa", else Hq = Hkv."""
+    if "mqa" in features:
+        return int(rng.integers(2, 5)), 1
+    if "gqa" in features:
+        return 2 * int(rng.integers(2, 4)), 2
+    hkv = int(rng.integers(1, 3))
+    return hkv, hkv
+
+
 def _draw_softmax_case(rng: np.random.Generator, index: int, focus: str) -> Case:
     features = _draw_features(rng, focus)
     b = int(rng.integers(1, MAX_BATCH + 1))
-    if "mqa" in features:
-        hkv, hq = 1, int(rng.integers(2, 5))
-    elif "gqa" in features:
-        hkv, hq = 2, 2 * int(rng.integers(2, 4))
-    else:
-        hkv = int(rng.integers(1, 3))
-        hq = hkv
+    hq, hkv = draw_head_counts(rng, features)
     n = int(rng.integers(1, MAX_POSITIONS + 1))
     s = int(rng.integers(1, MAX_POSITIONS + 1))
     if focus.startswith("causal"):

@@ -1,6 +1,6 @@
 """Cases, calls and tolerances of the "decode" variant of `kernattn verify`.
 
-A case holds the T new queries as ``q`` (B, Hq, T, D), the key and value caches as
+A case contains the T new queries as ``q`` (B, Hq, T, D), the key and value caches as
 ``k`` (B, Hkv, C, D) and ``v`` (B, Hkv, C, M), and the valid lengths (new tokens
 included) as the array ``kv_lengths`` (B,); every decode case has one. The options are
 the keywords ``scale``, ``softcap`` and ``num_splits`` of
@@ -19,7 +19,7 @@ from typing import Any, Callable
 import numpy as np
 
 from kernattn.decode import DECODE_BACKENDS, decode_attention
-from kernattn.verify.cases import FLOAT_ARRAYS, Case
+from kernattn.verify.cases import FLOAT_ARRAYS, Case, draw_head_counts
 from kernattn.verify.check import Output
 
 # Sizes of random cases; the loop oracle costs O(B Hq T C (D + M)) Python operations.
@@ -105,13 +105,7 @@ def _draw_case(rng: np.random.Generator, index: int) -> Case:
     focus = DECODE_FEATURES[index % len(DECODE_FEATURES)]
     features = _draw_features(rng, focus)
     b = int(rng.integers(1, MAX_BATCH + 1))
-    if "mqa" in features:
-        hkv, hq = 1, int(rng.integers(2, 5))
-    elif "gqa" in features:
-        hkv, hq = 2, 2 * int(rng.integers(2, 4))
-    else:
-        hkv = int(rng.integers(1, 3))
-        hq = hkv
+    hq, hkv = draw_head_counts(rng, features)
     t = int(rng.integers(1, MAX_NEW_TOKENS + 1))
     c = int(rng.integers(t, MAX_CAPACITY + 1))
     d, m = (int(rng.integers(1, MAX_HEAD_DIM + 1)) for _ in "dm")
@@ -196,7 +190,7 @@ def edge_cases() -> list[Case]:
     add("nan-beyond-length", 2, [[0, 1, 2, 3, nan, nan]], [4], [1, 1.5], [3, 4])
     # Each batch row has its own length: [2, 5] over the same values 0..4.
     add("lengths-per-row", 1, [[range(5)], [range(5)]], [2, 5], [0.5, 2], [2, 5])
-    # Query head h reads key/value head h // (Hq / Hkv); value head g holds g + 1.
+    # Query head h reads key/value head h // (Hq / Hkv); value head g contains g + 1.
     add("gqa-head-mapping", 1, [[[1, 1, 1, nan], [2, 2, 2, nan]]], [3], [1, 1, 2, 2],
         [3] * 4, heads=(4, 2))
     add("mqa-head-mapping", 1, [[[1, 1, 1, nan]]], [3], [1, 1, 1, 1], [3] * 4, heads=(4, 1))

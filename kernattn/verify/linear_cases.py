@@ -311,7 +311,7 @@ def edge_cases(feature_map: str | None = None) -> list[Case]:
           forms=lambda case: _form_family(case, (3,)))
     means("kv-lengths-non-causal", 3, 4, range(4), {}, [1, 1, 1],
           extra={"kv_lengths": np.array([3])})
-    # Grouped-query heads: value head g holds g + 1, so query heads read [1, 1, 2, 2].
+    # Grouped-query heads: value head g contains g + 1, so query heads read [1, 1, 2, 2].
     cases.append(Case(
         "edge-lin-means-gqa-head-mapping",
         {"q": np.zeros((1, 4, 1, 1)), "k": np.zeros((1, 2, 3, 1)),
